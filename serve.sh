@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# Whisper TorchServe: one entry point, the same in the container and on a plain machine.
+#
+#   ./serve.sh               install what is missing, get the model, build whisper.mar,
+#                            start TorchServe and stay in the foreground (as in the container)
+#   ./serve.sh --background  the same, but return once /ping is healthy
+#   ./serve.sh --stop        stop the TorchServe started from this run directory
+#   ./serve.sh --install     only install (.venv with pinned requirements, ffmpeg, Java)
+#   ./serve.sh --prepare     install, get the model and build whisper.mar; do not start
+#   ./serve.sh --status      print whether it runs and where
+#
+# Environment (all optional):
+#   WHISPER_MODEL        tiny.en | base | small ...            (default: base)
+#   WHISPER_DEVICE       auto | gpu | cpu                      (default: auto)
+#   WHISPER_WORKERS, WHISPER_BATCH_SIZE, WHISPER_MAX_BATCH_DELAY_MS   model-config overrides
+#   TS_INFERENCE_ADDRESS, TS_MANAGEMENT_ADDRESS, TS_METRICS_ADDRESS   move the ports
+#   WHISPER_VENV         virtual environment to use/create     (default: ./.venv)
+#   WHISPER_RUN_DIR      pid file and TorchServe temp files    (default: ./.run)
+#   WHISPER_LOG_DIR      TorchServe logs                       (default: ./logs)
+#   WHISPER_MODEL_STORE  where whisper.mar is built            (default: ./model-store)
+#   WHISPER_HEALTH_TIMEOUT  seconds to wait for /ping          (default: 600)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+
+MODEL="${WHISPER_MODEL:-base}"
+VENV="${WHISPER_VENV:-$ROOT/.venv}"
+RUN_DIR="${WHISPER_RUN_DIR:-$ROOT/.run}"
+LOG_DIR="${WHISPER_LOG_DIR:-$ROOT/logs}"
+MODEL_STORE="${WHISPER_MODEL_STORE:-$ROOT/model-store}"
+TS_CONFIG="$ROOT/config/config.properties"
+HEALTH_TIMEOUT="${WHISPER_HEALTH_TIMEOUT:-600}"
+PYTHON_BIN="${PYTHON:-python3}"
+
+log() { printf '[serve.sh] %s\n' "$*" >&2; }
+die() { printf '[serve.sh] error: %s\n' "$*" >&2; exit 1; }
+
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+
+# The address TorchServe will use: the environment wins (enable_envvars_config=true),
+# then config.properties.
+ts_address() {  # $1 = inference|management|metrics
+  local key="${1}_address" env_name
+  env_name="TS_$(echo "$key" | tr '[:lower:]' '[:upper:]')"
+  if [ -n "${!env_name:-}" ]; then
+    echo "${!env_name}"
+  else
+    sed -n "s/^${key}=//p" "$TS_CONFIG" | tail -n 1
+  fi
+}
+
+# 0.0.0.0 is where TorchServe listens, not where a client connects.
+local_url() { echo "$1" | sed 's#//0\.0\.0\.0#//127.0.0.1#'; }
+
+install_system_packages() {
+  local missing=()
+  command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
+  command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+  command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing ${missing[*]} with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    for pkg in "${missing[@]}"; do
+      case "$pkg" in
+        ffmpeg) log "warning: ffmpeg not found (m4a, webm, opus... uploads will be refused); install it, e.g. apt-get install ffmpeg" ;;
+        curl|ca-certificates) die "curl is required (health checks); install it" ;;
+        *) die "Java 17 is required by TorchServe; install it, e.g. apt-get install openjdk-17-jre-headless" ;;
+      esac
+    done
+  fi
+}
+
+install_python_packages() {
+  # Reinstall only when requirements.txt changed since the last install into this venv.
+  local stamp="$VENV/.requirements.sha256" want
+  want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+  if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    return 0
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtual environment $VENV"
+    "$PYTHON_BIN" -m venv "$VENV"
+  fi
+  log "installing pinned requirements into $VENV (first run takes a few minutes)"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
+  echo "$want" > "$stamp"
+}
+
+do_install() {
+  install_system_packages
+  install_python_packages
+}
+
+do_prepare() {
+  do_install
+  export PATH="$VENV/bin:$PATH"
+  log "model: $MODEL"
+  python "$ROOT/scripts/download_model.py" --model "$MODEL" --output-dir "$ROOT/whisper-models"
+  WHISPER_MODEL="$MODEL" WHISPER_MODEL_STORE="$MODEL_STORE" \
+    "$ROOT/model-archiver/create_model_archive.sh"
+}
+
+ts_env() {
+  # TorchServe keeps its pid file in the temp dir: one run dir, one instance.
+  mkdir -p "$RUN_DIR/tmp" "$LOG_DIR"
+  export TMPDIR="$RUN_DIR/tmp" TEMP="$RUN_DIR/tmp"
+  export LOG_LOCATION="$LOG_DIR" METRICS_LOCATION="$LOG_DIR"
+  export PATH="$VENV/bin:$PATH"
+}
+
+is_running() {
+  local pid_file="$RUN_DIR/tmp/.model_server.pid"
+  [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null
+}
+
+wait_healthy() {  # $1 = pid of the server process (foreground) or empty
+  local url deadline
+  url="$(local_url "$(ts_address inference)")/ping"
+  deadline=$(( $(date +%s) + HEALTH_TIMEOUT ))
+  log "waiting for $url"
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    if curl -fsS --max-time 5 "$url" 2>/dev/null | grep -q '"Healthy"'; then
+      return 0
+    fi
+    if [ -n "${1:-}" ] && ! kill -0 "$1" 2>/dev/null; then
+      die "TorchServe exited during start-up; see $LOG_DIR/ts_log.log and $LOG_DIR/model_log.log"
+    fi
+    if [ -z "${1:-}" ] && ! is_running; then
+      die "TorchServe is not running; see $LOG_DIR/ts_log.log and $LOG_DIR/model_log.log"
+    fi
+    sleep 1
+  done
+  die "TorchServe did not become healthy within ${HEALTH_TIMEOUT}s; see $LOG_DIR/model_log.log"
+}
+
+print_endpoints() {
+  local inference management metrics
+  inference="$(local_url "$(ts_address inference)")"
+  management="$(local_url "$(ts_address management)")"
+  metrics="$(local_url "$(ts_address metrics)")"
+  cat >&2 <<EOF
+[serve.sh] Whisper TorchServe is healthy (model: $MODEL)
+  transcribe:  curl -F file=@samples/jfk.flac $inference/predictions/whisper
+  inference:   $inference   (health: $inference/ping)
+  metrics:     $metrics/metrics   (Prometheus)
+  management:  $management   (loopback only)
+  logs:        $LOG_DIR   (ts_log.log, model_log.log, access_log.log)
+  stop:        ./serve.sh --stop
+EOF
+}
+
+ts_start_args() {
+  echo --ncs --model-store "$MODEL_STORE" --ts-config "$TS_CONFIG" --models whisper=whisper.mar
+}
+
+do_start() {  # $1 = foreground|background
+  is_running && die "already running (pid $(cat "$RUN_DIR/tmp/.model_server.pid")); ./serve.sh --stop first"
+  do_prepare
+  ts_env
+  # shellcheck disable=SC2046
+  if [ "$1" = background ]; then
+    torchserve --start $(ts_start_args) >"$LOG_DIR/serve_stdout.log" 2>&1
+    wait_healthy ""
+    print_endpoints
+  else
+    torchserve --start --foreground $(ts_start_args) &
+    local pid=$!
+    trap 'log "stopping"; torchserve --stop >/dev/null 2>&1 || kill "$pid" 2>/dev/null; wait "$pid"; exit 0' INT TERM
+    wait_healthy "$pid"
+    print_endpoints
+    wait "$pid"
+  fi
+}
+
+do_stop() {
+  ts_env
+  if ! is_running; then
+    log "not running"
+    return 0
+  fi
+  local pid
+  pid="$(cat "$RUN_DIR/tmp/.model_server.pid")"
+  torchserve --stop >/dev/null 2>&1 || true
+  # torchserve --stop only signals the frontend; wait until it and its workers are gone.
+  for _ in $(seq 1 60); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "frontend did not stop in 30 s, killing it"
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  log "stopped"
+}
+
+do_status() {
+  ts_env
+  if is_running; then
+    log "running (pid $(cat "$RUN_DIR/tmp/.model_server.pid"))"
+    print_endpoints
+  else
+    log "not running"
+    return 1
+  fi
+}
+
+case "${1:-}" in
+  "") do_start foreground ;;
+  --background) do_start background ;;
+  --stop) do_stop ;;
+  --install) do_install ;;
+  --prepare) do_prepare ;;
+  --status) do_status ;;
+  -h|--help) usage ;;
+  *) usage; exit 2 ;;
+esac
