@@ -1,0 +1,169 @@
+"""parse_options: TorchServe request fields -> TranscriptionOptions, every rule."""
+
+import dataclasses
+
+import pytest
+
+from errors import InvalidOption, ModelNotLoaded
+from options import AUDIO_FIELDS, DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS, OPTIONS, TranscriptionOptions, parse_options
+
+
+def parse(fields, model_name="base", multilingual=True, **kwargs):
+    return parse_options(fields, model_name=model_name, multilingual=multilingual, **kwargs)
+
+
+def rejects(fields, option, *, error=InvalidOption, **kwargs):
+    with pytest.raises(error) as err:
+        parse(fields, **kwargs)
+    assert err.value.status == 400
+    assert err.value.to_dict()["type"] == "invalid_request_error"
+    if error is InvalidOption:
+        assert err.value.code == "invalid_option" and err.value.option == option
+        assert option in err.value.message
+    return err.value.message
+
+
+def test_defaults_and_audio_fields_are_skipped():
+    options = parse({name: b"RIFF\x00\xff audio bytes" for name in AUDIO_FIELDS})
+    assert options == TranscriptionOptions()
+    assert options.temperature == DEFAULT_TEMPERATURE == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert (options.response_format, options.task, options.mode) == ("json", "transcribe", "batched")
+    assert options.language is None and options.model is None and not options.word_timestamps
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.task = "translate"
+
+
+def test_bytes_str_and_bytearray_values():
+    options = parse(
+        {"language": b"de", "task": bytearray(b"translate"), "prompt": " Hallo Welt ", "response_format": b"SRT"}
+    )
+    assert (options.language, options.task, options.prompt, options.response_format) == (
+        "de", "translate", "Hallo Welt", "srt"
+    )
+
+
+def test_invalid_utf8_is_rejected():
+    rejects({"prompt": b"\xff\xfe"}, "prompt")
+
+
+def test_unknown_option_lists_the_accepted_ones():
+    message = rejects({"languag": "en"}, "languag")
+    assert all(name in message for name in OPTIONS)
+
+
+@pytest.mark.parametrize(
+    "value, code",
+    [("en", "en"), ("EN", "en"), ("fr", "fr"), ("German", "de"), ("castilian", "es"), ("mandarin", "zh"), ("auto", None), ("", None)],
+)
+def test_language(value, code):
+    assert parse({"language": value}).language == code
+
+
+@pytest.mark.parametrize("value", ["xx", "klingon", "en-US", "eng"])
+def test_unknown_language(value):
+    message = rejects({"language": value}, "language")
+    assert "ISO 639-1" in message and "en, zh, de" in message
+
+
+def test_english_only_model():
+    assert parse({"language": "english"}, multilingual=False).language == "en"
+    assert "allowed values: en" in rejects({"language": "fr"}, "language", multilingual=False)
+    assert "allowed values: transcribe" in rejects({"task": "translate"}, "task", multilingual=False)
+    assert parse({"task": "transcribe"}, multilingual=False).task == "transcribe"
+
+
+def test_task_allow_list():
+    assert "transcribe, translate" in rejects({"task": "summarize"}, "task")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("0", (0.0,)), ("1", (1.0,)), ("0.7", (0.7,)), ("0,0.2,0.4", (0.0, 0.2, 0.4)), (b" 0.0 , 0.5 ", (0.0, 0.5))],
+)
+def test_temperature(value, expected):
+    assert parse({"temperature": value}).temperature == expected
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "hot", "nan", "inf", "0,,0.2", "", ",".join(["0.1"] * 11)])
+def test_bad_temperature(value):
+    assert "from 0 to 1" in rejects({"temperature": value}, "temperature")
+
+
+@pytest.mark.parametrize("value", ["json", "verbose_json", "text", "srt", "vtt"])
+def test_response_formats(value):
+    assert parse({"response_format": value}).response_format == value
+
+
+def test_bad_response_format():
+    message = rejects({"response_format": "xml"}, "response_format")
+    assert "json, verbose_json, text, srt, vtt" in message
+
+
+def test_prompt_limit():
+    assert parse({"prompt": "x" * MAX_PROMPT_CHARS}).prompt == "x" * MAX_PROMPT_CHARS
+    assert str(MAX_PROMPT_CHARS) in rejects({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt")
+    assert parse({"prompt": ""}).prompt is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"timestamp_granularities[]": b"word"},
+        {"timestamp_granularities[]": [b"segment", b"word"]},  # repeated, as OpenAI's client sends
+        {"timestamp_granularities[]": "segment,word"},  # comma-separated
+        {"timestamp_granularities": "word"},
+        {"word_timestamps": "true"},
+        {"word_timestamps": b"1", "timestamp_granularities": "segment"},
+    ],
+)
+def test_word_timestamps(fields):
+    options = parse(fields)
+    assert options.word_timestamps
+    assert "word" in options.timestamp_granularities
+
+
+def test_segment_granularity_only():
+    options = parse({"timestamp_granularities[]": [b"segment"], "word_timestamps": "false"})
+    assert not options.word_timestamps and options.timestamp_granularities == ("segment",)
+
+
+def test_bad_granularity_and_bool():
+    assert "segment, word" in rejects({"timestamp_granularities[]": "char"}, "timestamp_granularities")
+    assert "true, false" in rejects({"word_timestamps": "maybe"}, "word_timestamps")
+
+
+@pytest.mark.parametrize("name", ["base", "BASE", "whisper-base", "whisper_base", "openai/whisper-base", "whisper-1", ""])
+def test_model_aliases(name):
+    assert parse({"model": name}).model == ("base" if name else None)
+
+
+def test_english_model_names():
+    assert parse({"model": "tiny.en"}, model_name="tiny.en").model == "tiny.en"
+    assert parse({"model": "whisper-tiny.en"}, model_name="tiny.en").model == "tiny.en"
+
+
+@pytest.mark.parametrize("name", ["large-v3", "tiny", "base.en", "gpt-4o-transcribe"])
+def test_model_not_loaded(name):
+    message = rejects({"model": name}, "model", error=ModelNotLoaded)
+    assert name in message and "'base'" in message
+    with pytest.raises(ModelNotLoaded) as err:
+        parse({"model": name})
+    assert err.value.code == "model_not_found"
+
+
+def test_mode():
+    assert parse({"mode": "sequential"}).mode == "sequential"
+    assert parse({}, default_mode="sequential").mode == "sequential"
+    assert parse({"mode": "batched"}, default_mode="sequential").mode == "batched"
+    assert "batched, sequential" in rejects({"mode": "fast"}, "mode")
+    with pytest.raises(ValueError):
+        parse({}, default_mode="fast")
+
+
+def test_stream():
+    assert parse({"stream": "false"}) == TranscriptionOptions()
+    assert "does not stream" in rejects({"stream": b"true"}, "stream")
+
+
+def test_scalar_option_given_twice():
+    assert "more than once" in rejects({"language": [b"en", b"de"]}, "language")
