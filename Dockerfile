@@ -42,8 +42,8 @@ RUN useradd --create-home --uid 1000 model-server \
     && ./serve.sh --prepare \
     && chown -R model-server:model-server /home/model-server/app
 
-USER model-server
+USER 1000:1000
 EXPOSE 8080 8081 8082
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8080/ping || exit 1
+    CMD ["curl", "-fsS", "--max-time", "5", "http://127.0.0.1:8080/ping"]
 CMD ["./serve.sh"]
