@@ -8,6 +8,8 @@
 #   ./serve.sh --install     only install (.venv with pinned requirements, ffmpeg, Java)
 #   ./serve.sh --prepare     install, get the model and build whisper.mar; do not start
 #   ./serve.sh --status      print whether it runs and where
+#   --openai                 with a start: also run nginx in front, mapping OpenAI's
+#                            POST /v1/audio/transcriptions to /predictions/whisper
 #
 # Environment (all optional):
 #   WHISPER_MODEL        tiny.en | base | small ...            (default: base)
@@ -19,6 +21,7 @@
 #   WHISPER_LOG_DIR      TorchServe logs                       (default: ./logs)
 #   WHISPER_MODEL_STORE  where whisper.mar is built            (default: ./model-store)
 #   WHISPER_HEALTH_TIMEOUT  seconds to wait for /ping          (default: 600)
+#   WHISPER_OPENAI_LISTEN   where the OpenAI-compatible proxy listens (default: 0.0.0.0:8000)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -55,6 +58,7 @@ local_url() { echo "$1" | sed 's#//0\.0\.0\.0#//127.0.0.1#'; }
 
 install_system_packages() {
   local missing=()
+  [ "$OPENAI" = 1 ] && ! command -v nginx >/dev/null 2>&1 && ! [ -x /usr/sbin/nginx ] && missing+=(nginx-light)
   command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
   command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
   command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
@@ -68,6 +72,7 @@ install_system_packages() {
       case "$pkg" in
         ffmpeg) log "warning: ffmpeg not found (m4a, webm, opus... uploads will be refused); install it, e.g. apt-get install ffmpeg" ;;
         curl|ca-certificates) die "curl is required (health checks); install it" ;;
+        nginx-light) die "nginx is required for --openai; install it, e.g. apt-get install nginx-light" ;;
         *) die "Java 17 is required by TorchServe; install it, e.g. apt-get install openjdk-17-jre-headless" ;;
       esac
     done
@@ -110,6 +115,8 @@ ts_env() {
   mkdir -p "$RUN_DIR/tmp" "$LOG_DIR"
   export TMPDIR="$RUN_DIR/tmp" TEMP="$RUN_DIR/tmp"
   export LOG_LOCATION="$LOG_DIR" METRICS_LOCATION="$LOG_DIR"
+  # The handler's custom metrics are declared beside TorchServe's own.
+  export TS_METRICS_CONFIG="${TS_METRICS_CONFIG:-$ROOT/config/metrics.yaml}"
   export PATH="$VENV/bin:$PATH"
 }
 
@@ -118,14 +125,27 @@ is_running() {
   [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null
 }
 
+worker_deaths() {
+  grep -c "Backend worker process died" "$LOG_DIR/model_log.log" 2>/dev/null || true
+}
+
 wait_healthy() {  # $1 = pid of the server process (foreground) or empty
-  local url deadline
+  local url model_url deadline deaths_before
   url="$(local_url "$(ts_address inference)")/ping"
+  # /ping answers Healthy as soon as the frontend is up, even while the worker is still
+  # loading (or crashing): ready means a worker of the model reports READY.
+  model_url="$(local_url "$(ts_address management)")/models/whisper"
   deadline=$(( $(date +%s) + HEALTH_TIMEOUT ))
-  log "waiting for $url"
+  deaths_before="$(worker_deaths)"
+  log "waiting for $url and a READY worker"
   while [ "$(date +%s)" -lt "$deadline" ]; do
-    if curl -fsS --max-time 5 "$url" 2>/dev/null | grep -q '"Healthy"'; then
+    if curl -fsS --max-time 5 "$url" 2>/dev/null | grep -q '"Healthy"' \
+      && curl -fsS --max-time 5 "$model_url" 2>/dev/null | grep -q '"status": "READY"'; then
       return 0
+    fi
+    if [ $(( $(worker_deaths) - deaths_before )) -ge 3 ]; then
+      grep -E "MODEL_LOG - [A-Za-z]*(Error|Exception)" "$LOG_DIR/model_log.log" | tail -n 3 >&2 || true
+      die "the model worker keeps dying at start-up; see $LOG_DIR/model_log.log"
     fi
     if [ -n "${1:-}" ] && ! kill -0 "$1" 2>/dev/null; then
       die "TorchServe exited during start-up; see $LOG_DIR/ts_log.log and $LOG_DIR/model_log.log"
@@ -136,6 +156,30 @@ wait_healthy() {  # $1 = pid of the server process (foreground) or empty
     sleep 1
   done
   die "TorchServe did not become healthy within ${HEALTH_TIMEOUT}s; see $LOG_DIR/model_log.log"
+}
+
+NGINX_BIN="$(command -v nginx || echo /usr/sbin/nginx)"
+
+start_openai_proxy() {
+  local listen upstream conf
+  listen="${WHISPER_OPENAI_LISTEN:-0.0.0.0:8000}"
+  upstream="$(local_url "$(ts_address inference)" | sed 's#^https\{0,1\}://##')"
+  conf="$RUN_DIR/nginx-openai.conf"
+  mkdir -p "$RUN_DIR"
+  sed -e "s#@LISTEN@#$listen#g" -e "s#@UPSTREAM@#$upstream#g" -e "s#@RUN_DIR@#$RUN_DIR#g" \
+    "$ROOT/config/nginx-openai.conf" > "$conf"
+  "$NGINX_BIN" -e "$RUN_DIR/nginx-error.log" -p "$RUN_DIR" -c "$conf" -t -q
+  "$NGINX_BIN" -e "$RUN_DIR/nginx-error.log" -p "$RUN_DIR" -c "$conf"
+  log "OpenAI-compatible API: http://$(echo "$listen" | sed 's#0\.0\.0\.0#127.0.0.1#')/v1/audio/transcriptions"
+}
+
+stop_openai_proxy() {
+  local pid_file="$RUN_DIR/nginx.pid"
+  if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+    kill -QUIT "$(cat "$pid_file")" 2>/dev/null || true
+    for _ in $(seq 1 20); do [ -f "$pid_file" ] || break; sleep 0.25; done
+    log "stopped the OpenAI proxy"
+  fi
 }
 
 print_endpoints() {
@@ -155,7 +199,8 @@ EOF
 }
 
 ts_start_args() {
-  echo --ncs --model-store "$MODEL_STORE" --ts-config "$TS_CONFIG" --models whisper=whisper.mar
+  echo --ncs --model-store "$MODEL_STORE" --ts-config "$TS_CONFIG" --models whisper=whisper.mar \
+    --log-config "$ROOT/config/log4j2.xml"
 }
 
 do_start() {  # $1 = foreground|background
@@ -166,12 +211,14 @@ do_start() {  # $1 = foreground|background
   if [ "$1" = background ]; then
     torchserve --start $(ts_start_args) >"$LOG_DIR/serve_stdout.log" 2>&1
     wait_healthy ""
+    [ "$OPENAI" = 1 ] && start_openai_proxy
     print_endpoints
   else
     torchserve --start --foreground $(ts_start_args) &
     local pid=$!
-    trap 'log "stopping"; torchserve --stop >/dev/null 2>&1 || kill "$pid" 2>/dev/null; wait "$pid"; exit 0' INT TERM
+    trap 'log "stopping"; stop_openai_proxy; torchserve --stop >/dev/null 2>&1 || kill "$pid" 2>/dev/null; wait "$pid"; exit 0' INT TERM
     wait_healthy "$pid"
+    [ "$OPENAI" = 1 ] && start_openai_proxy
     print_endpoints
     wait "$pid"
   fi
@@ -179,6 +226,7 @@ do_start() {  # $1 = foreground|background
 
 do_stop() {
   ts_env
+  stop_openai_proxy
   if ! is_running; then
     log "not running"
     return 0
@@ -209,7 +257,16 @@ do_status() {
   fi
 }
 
-case "${1:-}" in
+OPENAI=0
+ACTION=""
+for arg in "$@"; do
+  case "$arg" in
+    --openai) OPENAI=1 ;;
+    *) [ -z "$ACTION" ] || { usage; exit 2; }; ACTION="$arg" ;;
+  esac
+done
+
+case "$ACTION" in
   "") do_start foreground ;;
   --background) do_start background ;;
   --stop) do_stop ;;

@@ -19,6 +19,13 @@ ENV_OVERRIDES = {  # environment variable -> (frontend key, type)
     "WHISPER_MAX_BATCH_DELAY_MS": ("maxBatchDelay", int),
     "WHISPER_RESPONSE_TIMEOUT_S": ("responseTimeout", int),
 }
+HANDLER_ENV_OVERRIDES = {  # environment variable -> (handler key, type)
+    "WHISPER_MAX_DURATION_S": ("max_duration_s", float),
+    "WHISPER_DEFAULT_MODE": ("default_mode", str),
+    "WHISPER_WINDOW_BUDGET": ("window_budget", int),
+    # Testing only: fail a batch with an injected out-of-memory error above this much audio.
+    "WHISPER_FAULT_OOM_ABOVE_S": ("fault_injection_oom_above_s", float),
+}
 
 
 def gpu_visible() -> bool:
@@ -54,6 +61,12 @@ def render(template: dict, model: str, device: str, env: dict) -> dict:
                 config["minWorkers"] = config["maxWorkers"] = value
             else:
                 config[key] = value
+    for name, (key, cast) in HANDLER_ENV_OVERRIDES.items():
+        if env.get(name):
+            try:
+                config["handler"][key] = cast(env[name])
+            except ValueError:
+                raise SystemExit(f"{name} must be a {cast.__name__}, not {env[name]!r}")
     return config
 
 

@@ -41,6 +41,7 @@ class Service:
     env: Dict[str, str] = field(repr=False)
     log_dir: Path = None
     token: Optional[str] = None
+    openai_url: Optional[str] = None  # the nginx proxy (serve.sh --openai), if started
 
     def stop(self) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -52,8 +53,10 @@ class Service:
         return int(pid_file.read_text()) if pid_file.exists() else None
 
 
-def start_service(root: Path, model: str = "tiny.en", extra_env: Optional[dict] = None) -> Service:
-    ports = [free_port() for _ in range(4)]
+def start_service(
+    root: Path, model: str = "tiny.en", extra_env: Optional[dict] = None, openai: bool = False
+) -> Service:
+    ports = [free_port() for _ in range(7)]
     env = dict(os.environ)
     env.update(
         WHISPER_MODEL=model,
@@ -66,10 +69,17 @@ def start_service(root: Path, model: str = "tiny.en", extra_env: Optional[dict] 
         # Worker ports (and their socket names in /tmp) must not collide with another
         # TorchServe on the machine, whose workers start at 9000.
         TS_INITIAL_WORKER_PORT=str(ports[3]),
+        TS_GRPC_INFERENCE_PORT=str(ports[4]),
+        TS_GRPC_MANAGEMENT_PORT=str(ports[5]),
+        WHISPER_OPENAI_LISTEN=f"127.0.0.1:{ports[6]}",
     )
     env.update(extra_env or {})
     proc = subprocess.run(
-        [str(REPO / "serve.sh"), "--background"], env=env, capture_output=True, text=True, timeout=900
+        [str(REPO / "serve.sh"), "--background", *(["--openai"] if openai else [])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     service = Service(
         url=env["TS_INFERENCE_ADDRESS"],
@@ -78,6 +88,7 @@ def start_service(root: Path, model: str = "tiny.en", extra_env: Optional[dict] 
         model=model,
         env=env,
         log_dir=root / "logs",
+        openai_url=f"http://127.0.0.1:{ports[6]}/v1" if openai else None,
     )
     if proc.returncode != 0:
         service.stop()
@@ -90,10 +101,23 @@ def start_service(root: Path, model: str = "tiny.en", extra_env: Optional[dict] 
     return service
 
 
+# The shared services batch up to 4 requests that arrive within 1 s of each other, so
+# the end-to-end tests exercise TorchServe's dynamic batching, not one request at a time.
+BATCHING_ENV = {"WHISPER_BATCH_SIZE": "4", "WHISPER_MAX_BATCH_DELAY_MS": "1000"}
+
+
 @pytest.fixture(scope="session")
 def service(tmp_path_factory):
     """TorchServe with tiny.en, shared by the end-to-end tests of one session."""
-    svc = start_service(tmp_path_factory.mktemp("service"))
+    svc = start_service(tmp_path_factory.mktemp("service"), extra_env=BATCHING_ENV, openai=True)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def base_service(tmp_path_factory):
+    """TorchServe with base, the default (multilingual) model users get."""
+    svc = start_service(tmp_path_factory.mktemp("base-service"), model="base", extra_env=BATCHING_ENV)
     yield svc
     svc.stop()
 

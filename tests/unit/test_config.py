@@ -82,3 +82,12 @@ def test_render_rejects_unknown_device(render_module, template):
 def test_auto_device_without_gpu_is_cpu(render_module, template, monkeypatch):
     monkeypatch.setattr(render_module, "gpu_visible", lambda: False)
     assert render_module.render(template, "base", "auto", {})["deviceType"] == "cpu"
+
+
+def test_render_handler_env_overrides(render_module, template):
+    env = {"WHISPER_MAX_DURATION_S": "30", "WHISPER_FAULT_OOM_ABOVE_S": "12.5", "WHISPER_DEFAULT_MODE": "sequential"}
+    handler = render_module.render(template, "base", "cpu", env)["handler"]
+    assert handler["max_duration_s"] == 30.0
+    assert handler["fault_injection_oom_above_s"] == 12.5
+    assert handler["default_mode"] == "sequential"
+    assert template["handler"]["fault_injection_oom_above_s"] == 0
