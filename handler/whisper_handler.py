@@ -135,6 +135,8 @@ class WhisperHandler(BaseHandler):
             ),
         )
         self.model = self.engine.model  # moved/cast for the device by the engine
+        # Compile the lazily built kernels (word-timestamp DTW, cuDNN) before the first request.
+        self.engine.warmup()
         self.max_duration_s = float(self.settings.get("max_duration_s", 14400))
         self.ffmpeg_timeout_s = float(self.settings.get("ffmpeg_timeout_s", 120))
         self.default_mode = self.settings.get("default_mode", "batched")

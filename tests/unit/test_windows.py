@@ -1,0 +1,160 @@
+"""Pure window logic: segment parsing, seeking without losing or repeating words at
+window edges, fallback and silence checks, splitting at pauses, packing and split-back."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[2] / "handler")]
+
+from decoding import DecodedWindow  # noqa: E402
+from windows import (  # noqa: E402
+    N_FRAMES,
+    PackedWord,
+    Thresholds,
+    is_silence,
+    needs_fallback,
+    pack_audio,
+    parse_window,
+    plan_packs,
+    split_points,
+    split_words,
+    stream_clips,
+)
+
+TS = 50363  # tiny.en's <|0.00|>; only the offset matters here
+EOT = 50256
+
+
+def ts(seconds: float) -> int:
+    return TS + round(seconds / 0.02)
+
+
+def test_parse_window_complete_segments_and_single_timestamp_ending():
+    tokens = [ts(0.0), 1, 2, ts(2.0), ts(2.5), 3, ts(4.0)]
+    parsed = parse_window(tokens, TS, seek=1000, segment_size=N_FRAMES)
+    assert [(s.start, s.end) for s in parsed.segments] == [(10.0, 12.0), (12.5, 14.0)]
+    assert parsed.single_timestamp_ending
+    assert parsed.next_seek == 1000 + N_FRAMES  # nothing after the last timestamp
+
+
+def test_parse_window_drops_unfinished_segment_and_seeks_to_it():
+    tokens = [ts(0.0), 1, 2, ts(3.0), ts(3.2), 3, 4]  # the second segment never closes
+    parsed = parse_window(tokens, TS, seek=0, segment_size=N_FRAMES)
+    assert [(s.start, s.end, s.tokens) for s in parsed.segments] == [(0.0, 3.0, [ts(0.0), 1, 2, ts(3.0)])]
+    assert parsed.next_seek == 300  # the start of the unfinished segment, in mel frames
+
+
+def test_parse_window_without_timestamp_pairs_keeps_all_text():
+    parsed = parse_window([ts(0.0), 1, 2, 3], TS, seek=0, segment_size=1234)
+    assert len(parsed.segments) == 1 and parsed.segments[0].tokens == [ts(0.0), 1, 2, 3]
+    assert parsed.next_seek == 1234
+
+
+def fake_window(words, seek, size):
+    """What a decoder does on one window of a known word timeline: segments of two words
+    each, the last one left unfinished when a word crosses the window's end."""
+    start_s, end_s = seek / 100, (seek + size) / 100
+    inside = [w for w in words if w[1] >= start_s and w[1] < end_s]
+    tokens = []
+    for i in range(0, len(inside), 2):
+        pair = inside[i : i + 2]
+        if pair[-1][2] > end_s:  # runs over the edge: the model leaves it open
+            tokens += [ts(pair[0][1] - start_s)] + [p[0] for p in pair if p[2] <= end_s]
+            return tokens
+        tokens += [ts(pair[0][1] - start_s)] + [p[0] for p in pair] + [ts(pair[-1][2] - start_s)]
+    return tokens
+
+
+def test_seeking_over_a_long_timeline_loses_and_repeats_nothing():
+    rng = np.random.default_rng(0)
+    words, t = [], 0.0
+    for token in range(1, 400):  # about 400 words over several windows
+        t += rng.uniform(0.05, 0.4)
+        length = rng.uniform(0.2, 0.7)
+        words.append((token, round(t, 2), round(t + length, 2)))
+        t += length
+    content = int(t * 100) + 1
+    seek, seen = 0, []
+    while seek < content:
+        size = min(N_FRAMES, content - seek)
+        parsed = parse_window(fake_window(words, seek, size), TS, seek, size)
+        assert parsed.next_seek > seek
+        seen += [tok for s in parsed.segments for tok in s.tokens if tok < TS]
+        seek = parsed.next_seek
+    assert seen == [w[0] for w in words]
+
+
+def result(avg_logprob=-0.2, compression=1.5, no_speech=0.1):
+    return DecodedWindow([], "", 0.0, avg_logprob, no_speech, 0.0, compression)
+
+
+def test_fallback_and_silence_follow_transcribe():
+    t = Thresholds()
+    assert not needs_fallback(result(), t)
+    assert needs_fallback(result(compression=2.6), t)  # repetitive
+    assert needs_fallback(result(avg_logprob=-1.5), t)  # improbable
+    assert not needs_fallback(result(avg_logprob=-1.5, no_speech=0.9), t)  # silence
+    assert is_silence(result(avg_logprob=-1.5, no_speech=0.9), t)
+    assert not is_silence(result(avg_logprob=-0.5, no_speech=0.9), t)  # confident text
+    assert not is_silence(result(avg_logprob=-1.5, no_speech=0.3), t)
+
+
+def tone(seconds, freq=220.0):
+    x = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * freq * x)).astype(np.float32)
+
+
+def test_split_points_fall_in_pauses():
+    rng = np.random.default_rng(1)
+    parts, pauses, t = [], [], 0.0
+    for _ in range(6):
+        speech = rng.uniform(15, 25)
+        parts.append(tone(speech))
+        t += speech
+        parts.append(np.zeros(8000, dtype=np.float32))  # 0.5 s pause
+        pauses.append((t, t + 0.5))
+        t += 0.5
+    audio = np.concatenate(parts)
+    cuts = split_points(audio, 3, search_seconds=15)
+    assert len(cuts) == 2
+    for cut in cuts:
+        assert any(a - 0.05 <= cut / 100 <= b + 0.05 for a, b in pauses), cut
+    clips = stream_clips(len(audio) // 160, cuts)
+    assert clips[0][0] == 0 and clips[-1][1] == len(audio) // 160
+    assert all(a[1] == b[0] for a, b in zip(clips, clips[1:]))
+
+
+def test_plan_packs_fit_the_window_and_keep_every_clip_once():
+    durations = [3.0, 12.0, 25.0, 5.0, 9.0, 2.0, 40.0, 1.0]
+    packs = plan_packs(durations, max_seconds=28.0, gap=2.0)
+    assert sorted(i for p in packs for i in p) == list(range(len(durations)))
+    for p in packs:
+        if len(p) > 1:
+            assert sum(durations[i] for i in p) + 2.0 * (len(p) - 1) <= 28.0
+    assert [6] in packs  # too long to share a window
+
+
+def test_pack_audio_layout_and_split_back():
+    clips = [tone(2.0), tone(3.0), tone(1.0)]
+    audio, layout = pack_audio(clips, gap=2.0)
+    assert len(audio) == 16000 * (2 + 2 + 3 + 2 + 1)
+    assert layout.starts == [0.0, 4.0, 9.0] and layout.ends == [2.0, 7.0, 10.0]
+    words = [
+        PackedWord(" one", 0.1, 0.5, 0.9, 0), PackedWord(" two", 1.4, 2.3, 0.9, 0),  # runs into the gap
+        PackedWord(" three", 4.2, 4.8, 0.9, 1), PackedWord(" four", 6.6, 7.4, 0.9, 1),
+        PackedWord(" five", 9.1, 9.8, 0.9, 1),
+    ]
+    split = split_words(words, layout)
+    assert [[w.word for w in c] for c in split.words] == [[" one", " two"], [" three", " four"], [" five"]]
+    assert split.words[1][0].start == pytest.approx(0.2) and split.words[0][1].end == 2.0  # clipped
+    assert split.ambiguous == []
+
+
+def test_split_back_flags_words_across_a_gap_and_empty_clips():
+    _, layout = pack_audio([tone(2.0), tone(3.0), tone(1.0)], gap=2.0)
+    words = [PackedWord(" long", 1.5, 4.5, 0.5, 0), PackedWord(" five", 9.1, 9.8, 0.9, 1)]
+    split = split_words(words, layout)
+    assert split.ambiguous == [0, 1]  # " long" straddles the first gap; clip 1 also empty
