@@ -1,0 +1,100 @@
+"""Start and stop a private TorchServe through serve.sh, on free loopback ports.
+
+Used by the end-to-end tests and by benchmark_service.py: each instance gets its own run,
+log and model-store directories and its own ports (HTTP, gRPC, worker sockets), so several
+can run beside each other and beside a developer's server on the default ports.
+
+    service = start_service(Path("/tmp/ts-a"), model="tiny.en", extra_env={"WHISPER_BATCH_SIZE": "1"})
+    ...
+    service.stop()
+"""
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    """A running TorchServe started by serve.sh, and how to reach and stop it."""
+
+    url: str
+    management_url: str
+    metrics_url: str
+    model: str
+    env: Dict[str, str] = field(repr=False)
+    log_dir: Optional[Path] = None
+    token: Optional[str] = None
+    openai_url: Optional[str] = None  # the nginx proxy (serve.sh --openai), if started
+
+    def stop(self) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(REPO / "serve.sh"), "--stop"], env=self.env, capture_output=True, text=True, timeout=120
+        )
+
+    def pid(self) -> Optional[int]:
+        """The TorchServe frontend's pid."""
+        pid_file = Path(self.env["WHISPER_RUN_DIR"]) / "tmp" / ".model_server.pid"
+        return int(pid_file.read_text()) if pid_file.exists() else None
+
+
+def start_service(
+    root: Path, model: str = "tiny.en", extra_env: Optional[dict] = None, openai: bool = False
+) -> Service:
+    """serve.sh --background with everything under `root`; raises with the logs' tails if
+    the service does not come up."""
+    root = Path(root)
+    ports = [free_port() for _ in range(7)]
+    env = dict(os.environ)
+    env.update(
+        WHISPER_MODEL=model,
+        WHISPER_RUN_DIR=str(root / "run"),
+        WHISPER_LOG_DIR=str(root / "logs"),
+        WHISPER_MODEL_STORE=str(root / "model-store"),
+        TS_INFERENCE_ADDRESS=f"http://127.0.0.1:{ports[0]}",
+        TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{ports[1]}",
+        TS_METRICS_ADDRESS=f"http://127.0.0.1:{ports[2]}",
+        # Worker ports (and their socket names) and gRPC ports must not collide with
+        # another TorchServe on the machine, whose workers start at 9000, gRPC at 7070.
+        TS_INITIAL_WORKER_PORT=str(ports[3]),
+        TS_GRPC_INFERENCE_PORT=str(ports[4]),
+        TS_GRPC_MANAGEMENT_PORT=str(ports[5]),
+        WHISPER_OPENAI_LISTEN=f"127.0.0.1:{ports[6]}",
+    )
+    env.update(extra_env or {})
+    proc = subprocess.run(
+        [str(REPO / "serve.sh"), "--background", *(["--openai"] if openai else [])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    service = Service(
+        url=env["TS_INFERENCE_ADDRESS"],
+        management_url=env["TS_MANAGEMENT_ADDRESS"],
+        metrics_url=env["TS_METRICS_ADDRESS"],
+        model=model,
+        env=env,
+        log_dir=root / "logs",
+        openai_url=f"http://127.0.0.1:{ports[6]}/v1" if openai else None,
+    )
+    if proc.returncode != 0:
+        service.stop()
+        logs = ""
+        for name in ("ts_log.log", "model_log.log"):
+            path = root / "logs" / name
+            if path.exists():
+                logs += f"\n--- {name} (tail)\n" + "\n".join(path.read_text().splitlines()[-40:])
+        raise RuntimeError(f"serve.sh --background failed ({proc.returncode}):\n{proc.stderr}{logs}")
+    return service
