@@ -39,6 +39,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -247,16 +248,64 @@ def _ffmpeg_argv(ffmpeg, source, protocols, max_duration_s, input_format=None) -
     return argv
 
 
+DECLARED_DURATION = re.compile(rb"\] +Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
+
+
 def _run_ffmpeg(argv, stdin_data, source_format, max_duration_s, timeout_s) -> DecodedAudio:
+    """Run ffmpeg, stopping it as soon as the input's declared duration is over the limit:
+    a small upload that declares hours (a "zip bomb") costs milliseconds, not a decode."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    stderr, declared_too_long, timed_out = [], [], threading.Event()
+
+    def read_stderr():
+        for line in proc.stderr:
+            stderr.append(line)
+            m = DECLARED_DURATION.search(line) if max_duration_s is not None else None
+            if m and not declared_too_long:
+                seconds = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+                if seconds > max_duration_s + DURATION_SLACK_S:
+                    declared_too_long.append(seconds)
+                    proc.kill()
+
+    def write_stdin():
+        try:
+            proc.stdin.write(stdin_data)
+        except OSError:  # ffmpeg stopped reading (done, refused the input, or killed)
+            pass
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+
+    def kill_at_timeout():
+        timed_out.set()
+        proc.kill()
+
+    helpers = [threading.Thread(target=read_stderr, daemon=True)]
+    if stdin_data is not None:
+        helpers.append(threading.Thread(target=write_stdin, daemon=True))
+    timer = threading.Timer(timeout_s, kill_at_timeout)
+    for thread in helpers:
+        thread.start()
+    timer.start()
     try:
-        proc = subprocess.run(
-            argv, input=stdin_data, capture_output=True, timeout=timeout_s, check=False
-        )
-    except subprocess.TimeoutExpired:  # subprocess.run has already killed ffmpeg
-        raise InvalidAudio(
-            "decode_timeout", f"Decoding the audio took longer than {timeout_s:g} s."
-        ) from None
-    info = _ffmpeg_input_info(proc.stderr.decode("utf-8", "replace"))
+        stdout = proc.stdout.read()  # bounded by -t
+    finally:
+        timer.cancel()
+        proc.wait()
+        for thread in helpers:
+            thread.join()
+    if declared_too_long:
+        raise _too_long(declared_too_long[0], max_duration_s)
+    if timed_out.is_set():
+        raise InvalidAudio("decode_timeout", f"Decoding the audio took longer than {timeout_s:g} s.")
+    info = _ffmpeg_input_info(b"".join(stderr).decode("utf-8", "replace"))
     if proc.returncode != 0:
         detail = info["error"].replace(argv[argv.index("-i") + 1], "input")  # no server paths
         if info["no_audio_stream"]:
@@ -270,8 +319,8 @@ def _run_ffmpeg(argv, stdin_data, source_format, max_duration_s, timeout_s) -> D
             "undecodable_audio", f"Could not decode the {source_format} audio ({detail})."
         )
     # f32le output: a whole number of 4-byte samples unless ffmpeg was cut short.
-    usable = len(proc.stdout) - len(proc.stdout) % 4
-    samples = np.frombuffer(proc.stdout[:usable], dtype="<f4").astype(np.float32)
+    usable = len(stdout) - len(stdout) % 4
+    samples = np.frombuffer(stdout[:usable], dtype="<f4").astype(np.float32)
     duration_s = len(samples) / SAMPLE_RATE
     if max_duration_s is not None and duration_s > max_duration_s + DURATION_SLACK_S:
         # ffmpeg stopped at -t; the container's own duration, when known, is the better figure.

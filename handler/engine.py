@@ -205,13 +205,16 @@ class _Encoded:
 
 
 def words_on_speech(transcript: Transcript, audio: np.ndarray) -> Transcript:
-    """The transcript with its word edges moved off pauses (see word_timing.py)."""
+    """The transcript with its word edges moved off pauses (see word_timing.py) and, as
+    whisper's add_word_timestamps does, each segment spanning exactly its words."""
     counts = [len(s.words or []) for s in transcript.segments]
     snapped = iter(snap_words([w for s in transcript.segments for w in s.words or []], audio))
-    segments = [
-        replace(s, words=[next(snapped) for _ in range(n)]) if s.words is not None else s
-        for s, n in zip(transcript.segments, counts)
-    ]
+    segments = []
+    for segment, n in zip(transcript.segments, counts):
+        if n:
+            words = [next(snapped) for _ in range(n)]
+            segment = replace(segment, words=words, start=words[0].start, end=words[-1].end)
+        segments.append(segment)
     return replace(transcript, segments=segments)
 
 
