@@ -14,6 +14,7 @@ decoded again on their own. `mode="sequential"` runs openai-whisper's own `trans
 """
 
 import itertools
+import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -247,7 +248,11 @@ class Engine:
         )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.config.seed)
-        self.stats = {"encoder_passes": 0, "encoder_windows": 0, "decoded_windows": 0, "fallback_windows": 0}
+        # Counters and seconds per phase since start; the handler logs and exports the deltas.
+        self.stats = {
+            "encoder_passes": 0, "encoder_windows": 0, "decoded_windows": 0, "fallback_windows": 0,
+            "mel_s": 0.0, "encode_s": 0.0, "decode_s": 0.0,
+        }
 
     def tokenizer(self, language: Optional[str], task: str):
         model = self.model
@@ -321,12 +326,20 @@ class Engine:
 
     # ------------------------------------------------------------------ batched path
 
+    def _clock(self) -> float:
+        """Wall time after the device has finished its queued work (phase timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _transcribe_batched(self, requests: List[_Request]) -> List[Transcript]:
+        started = self._clock()
         for r in requests:
             audio = torch.from_numpy(r.audio).to(self.device)
             # like transcribe: mel of the whole audio plus 30 s of zeros, sliced at the seek
             r.mel = log_mel_spectrogram(audio, self.model.dims.n_mels, padding=N_SAMPLES)
             r.content_frames = r.mel.shape[-1] - N_FRAMES
+        self.stats["mel_s"] += self._clock() - started
         for r in requests:
             r.language = "en" if not self.model.is_multilingual else _option(r.options, "language")
 
@@ -496,7 +509,10 @@ class Engine:
             sizes.append(size)
             mels.append(pad_or_trim(s.mel[:, s.seek : s.seek + size], N_FRAMES))
         mel = torch.stack(mels).to(self.dtype)
+        started = self._clock()
         features = self.model.encoder(mel)
+        encoded = self._clock()
+        self.stats["encode_s"] += encoded - started
         self.stats["encoder_passes"] += 1
         self.stats["encoder_windows"] += len(streams)
         self._detect_languages(streams, features)
@@ -504,6 +520,7 @@ class Engine:
         results = self._decode_with_fallback(streams, features)
         for s, size, window_features, result in zip(streams, sizes, features, results):
             self._advance(s, size, window_features, result)
+        self.stats["decode_s"] += self._clock() - encoded
 
     def _detect_languages(self, streams: List[_Stream], features: torch.Tensor) -> None:
         """Detect the language of requests that did not give one from the encoder output

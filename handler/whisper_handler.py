@@ -250,7 +250,7 @@ class WhisperHandler(BaseHandler):
                 torch.cuda.empty_cache()
         elapsed = time.perf_counter() - started
         audio_s = sum(slot.audio.duration_s for slot in ready)
-        delta = {k: v - stats_before.get(k, 0) for k, v in self.engine.stats.items()}
+        delta = {k: round(v - stats_before.get(k, 0), 3) for k, v in self.engine.stats.items()}
         logger.info(
             "batch: %d requests, %.1fs audio in %.2fs (%.1fx real time), ids=%s, engine=%s",
             len(ready),
