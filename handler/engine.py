@@ -30,6 +30,7 @@ from decoding import TokenRules, decode_windows
 from formats import Segment, Transcript, Word
 from word_timing import snap_words
 from windows import (
+    best_attempt,
     FRAMES_PER_SECOND,
     PackedWord,
     Thresholds,
@@ -547,9 +548,11 @@ class Engine:
 
     def _decode_with_fallback(self, streams: List[_Stream], features: torch.Tensor):
         """Decode all rows at their first temperature, then only the failed rows again at
-        each next temperature, as a smaller batch."""
+        each next temperature, as a smaller batch. A row that fails at every temperature
+        keeps its best attempt (as faster-whisper does), not whisper's last, hottest one."""
         initial = [self._initial_tokens(s) for s in streams]
         results = [None] * len(streams)
+        attempts: Dict[int, list] = {}
         pending = list(range(len(streams)))
         level = 0
         while pending:
@@ -572,10 +575,12 @@ class Engine:
                     self.stats["fallback_windows"] += len(rows)
                 for i, result in zip(rows, decoded):
                     results[i] = result
-                    if level + 1 < len(streams[i].temperatures) and needs_fallback(
-                        result, self.thresholds
-                    ):
-                        retry.append(i)
+                    attempts.setdefault(i, []).append(result)
+                    if needs_fallback(result, self.thresholds):
+                        if level + 1 < len(streams[i].temperatures):
+                            retry.append(i)
+                        else:
+                            results[i] = best_attempt(attempts[i], self.thresholds)
             pending = retry
             level += 1
         return results

@@ -33,6 +33,8 @@ from options import AUDIO_FIELDS, TranscriptionOptions, parse_options
 logger = logging.getLogger(__name__)
 
 OPTION_HEADER_PREFIX = "x-whisper-"
+# handler.cpu_precision -> EngineConfig.cpu_bf16 (None: bf16 where the CPU has AMX)
+CPU_PRECISIONS = {"auto": None, "bf16": True, "fp32": False}
 
 
 def audio_bytes(request: dict) -> bytes:
@@ -132,6 +134,9 @@ class WhisperHandler(BaseHandler):
             EngineConfig(
                 device=str(self.device),
                 window_budget=int(self.settings.get("window_budget") or 0) or None,
+                cpu_bf16=self._cpu_bf16(),
+                # None lets the engine decide (pack on CPU, never on GPU); False turns it off.
+                pack_short=None if self.settings.get("pack_short_clips", True) else False,
             ),
         )
         self.model = self.engine.model  # moved/cast for the device by the engine
@@ -172,6 +177,12 @@ class WhisperHandler(BaseHandler):
             metric.add_or_update(value, [labels[n] for n in metric.dimension_names])
         except Exception:  # metrics must never fail a request
             logger.debug("metric %s not emitted", name, exc_info=True)
+
+    def _cpu_bf16(self):
+        precision = str(self.settings.get("cpu_precision", "auto"))
+        if precision not in CPU_PRECISIONS:
+            raise ValueError(f"handler.cpu_precision must be one of {sorted(CPU_PRECISIONS)}, not {precision!r}")
+        return CPU_PRECISIONS[precision]
 
     @staticmethod
     def _cpu_share(context) -> int:

@@ -86,6 +86,15 @@ class Thresholds:
     no_speech: Optional[float] = 0.6
 
 
+def best_attempt(attempts: Sequence, thresholds: Thresholds):
+    """When every temperature failed: the attempt with the highest average log-probability
+    among those that are not too repetitive (or among all, if none is). Whisper keeps the
+    last, hottest sample instead, which on hard audio is usually the worst one."""
+    limit = thresholds.compression_ratio
+    candidates = [a for a in attempts if limit is None or a.compression_ratio <= limit] or list(attempts)
+    return max(candidates, key=lambda a: a.avg_logprob)
+
+
 def needs_fallback(result, thresholds: Thresholds) -> bool:
     """True when a decoded window should be decoded again at the next temperature
     (too repetitive or too improbable, and not simply silence)."""

@@ -23,6 +23,7 @@ HANDLER_ENV_OVERRIDES = {  # environment variable -> (handler key, type)
     "WHISPER_MAX_DURATION_S": ("max_duration_s", float),
     "WHISPER_DEFAULT_MODE": ("default_mode", str),
     "WHISPER_WINDOW_BUDGET": ("window_budget", int),
+    "WHISPER_CPU_PRECISION": ("cpu_precision", str),
     # Testing only: fail a batch with an injected out-of-memory error above this much audio.
     "WHISPER_FAULT_OOM_ABOVE_S": ("fault_injection_oom_above_s", float),
 }

@@ -386,7 +386,18 @@ def test_injected_oom_fails_only_the_request_too_big_to_fit(limits_service, shar
 
 # --- faults: killed worker, stuck worker, full queue ----------------------------------
 
-RESPONSE_TIMEOUT_S = 15  # the long file takes far longer on CPU; the short one far less
+RESPONSE_TIMEOUT_S = 15  # the very long upload takes far longer on CPU; the short one far less
+LONG_REPEATS = 8  # the long file 8 times over: 19 minutes, minutes of work even for tiny.en
+
+
+@pytest.fixture(scope="module")
+def very_long_flac(shared_audio) -> tuple:
+    """(flac bytes, duration as the handler logs it) of the long file repeated."""
+    samples, rate = sf.read(shared_audio / LONG, dtype="float32")
+    samples = np.tile(samples, LONG_REPEATS)
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="FLAC")
+    return buffer.getvalue(), f"audio {len(samples) / rate:.2f}s"
 FAULTS_ENV = {
     "WHISPER_RESPONSE_TIMEOUT_S": str(RESPONSE_TIMEOUT_S),
     "TS_JOB_QUEUE_SIZE": "2",
@@ -436,13 +447,14 @@ def log_size(service) -> int:
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_request_recovers(faults_service, shared_audio):
+def test_worker_killed_mid_request_recovers(faults_service, shared_audio, very_long_flac):
     svc = faults_service
     old_pid = worker_pid(svc)
     mark = log_size(svc)
-    request = post_in_background(svc, (shared_audio / LONG).read_bytes(), "audio/flac", timeout=60)
+    upload, logged_duration = very_long_flac
+    request = post_in_background(svc, upload, "audio/flac", timeout=60)
     # Kill once the worker is transcribing it (decoded and handed to the engine).
-    wait_for_log(svc, "audio 141.53s", mark)
+    wait_for_log(svc, logged_duration, mark)
     time.sleep(0.5)
     os.kill(old_pid, signal.SIGKILL)
     killed = time.monotonic()
@@ -469,11 +481,11 @@ def test_worker_killed_mid_request_recovers(faults_service, shared_audio):
 
 
 @pytest.mark.slow
-def test_request_over_response_timeout_gets_an_error_not_a_hang(faults_service, shared_audio):
+def test_request_over_response_timeout_gets_an_error_not_a_hang(faults_service, shared_audio, very_long_flac):
     svc = faults_service
     old_pid = worker_pid(svc)
     started = time.monotonic()
-    response = post_raw(svc, (shared_audio / LONG).read_bytes(), "audio/flac", timeout=RESPONSE_TIMEOUT_S + 60)
+    response = post_raw(svc, very_long_flac[0], "audio/flac", timeout=RESPONSE_TIMEOUT_S + 60)
     elapsed = time.monotonic() - started
     assert 500 <= response.status_code < 600, response.text[:300]
     assert RESPONSE_TIMEOUT_S - 1 <= elapsed < RESPONSE_TIMEOUT_S + 30

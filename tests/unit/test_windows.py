@@ -14,6 +14,7 @@ from windows import (  # noqa: E402
     N_FRAMES,
     PackedWord,
     Thresholds,
+    best_attempt,
     is_silence,
     needs_fallback,
     pack_audio,
@@ -100,6 +101,15 @@ def test_fallback_and_silence_follow_transcribe():
     assert is_silence(result(avg_logprob=-1.5, no_speech=0.9), t)
     assert not is_silence(result(avg_logprob=-0.5, no_speech=0.9), t)  # confident text
     assert not is_silence(result(avg_logprob=-1.5, no_speech=0.3), t)
+
+
+def test_all_temperatures_failed_keeps_the_most_probable_attempt():
+    t = Thresholds()
+    cold = result(avg_logprob=-1.08)  # just under the bar at temperature 0
+    hot = result(avg_logprob=-5.5)  # whisper would keep this last, hottest sample
+    looping = result(avg_logprob=-0.3, compression=3.1)  # probable but repetitive
+    assert best_attempt([cold, looping, hot], t) is cold
+    assert best_attempt([looping, result(avg_logprob=-0.1, compression=2.9)], t).avg_logprob == -0.1
 
 
 def tone(seconds, freq=220.0):
