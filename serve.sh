@@ -198,23 +198,20 @@ print_endpoints() {
 EOF
 }
 
-ts_start_args() {
-  echo --ncs --model-store "$MODEL_STORE" --ts-config "$TS_CONFIG" --models whisper=whisper.mar \
-    --log-config "$ROOT/config/log4j2.xml"
-}
+TS_START_ARGS=(--ncs --model-store "$MODEL_STORE" --ts-config "$TS_CONFIG" --models whisper=whisper.mar
+  --log-config "$ROOT/config/log4j2.xml")
 
 do_start() {  # $1 = foreground|background
   is_running && die "already running (pid $(cat "$RUN_DIR/tmp/.model_server.pid")); ./serve.sh --stop first"
   do_prepare
   ts_env
-  # shellcheck disable=SC2046
   if [ "$1" = background ]; then
-    torchserve --start $(ts_start_args) >"$LOG_DIR/serve_stdout.log" 2>&1
+    torchserve --start "${TS_START_ARGS[@]}" >"$LOG_DIR/serve_stdout.log" 2>&1
     wait_healthy ""
     [ "$OPENAI" = 1 ] && start_openai_proxy
     print_endpoints
   else
-    torchserve --start --foreground $(ts_start_args) &
+    torchserve --start --foreground "${TS_START_ARGS[@]}" &
     local pid=$!
     trap 'log "stopping"; stop_openai_proxy; torchserve --stop >/dev/null 2>&1 || kill "$pid" 2>/dev/null; wait "$pid"; exit 0' INT TERM
     wait_healthy "$pid"

@@ -24,15 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def measure(name: str, env: dict, args, files) -> dict:
-    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as root:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name.replace(' ', '')}-") as root:
         print(f"[{name}] starting TorchServe ({env})", file=sys.stderr)
         service = start_service(Path(root), model=args.model, extra_env=env)
         try:
             client = WhisperClient(service.url, timeout=args.timeout)
             # one warm-up request so both runs start with a loaded, warmed-up worker
-            client.transcribe(files[0])
+            options = {"language": args.language} if args.language else {}
+            client.transcribe(files[0], **options)
             records, wall = run_load(
-                client, files, concurrency=args.concurrency, count=args.requests, duration_s=None, options={}
+                client, files, concurrency=args.concurrency, count=args.requests, duration_s=None, options=options
             )
         finally:
             service.stop()
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="batchSize of the batched service")
     parser.add_argument("--max-batch-delay-ms", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--language", help="send this language with every request (default: detect)")
     args = parser.parse_args(argv)
     files = expand_audio_paths(args.paths or [REPO / "samples"])
     configs = {
@@ -60,7 +62,10 @@ def main(argv=None) -> int:
         },
     }
     results = [measure(name, env, args, files) for name, env in configs.items()]
-    print(f"\nmodel {args.model}, {args.concurrency} concurrent clients, {args.requests} requests, {len(files)} files")
+    print(
+        f"\nmodel {args.model}, {args.concurrency} concurrent clients, {args.requests} requests, "
+        f"{len(files)} files, language {args.language or 'detected'}"
+    )
     print(f"{'service':<14} {'ok':>4} {'failed':>6} {'req/s':>7} {'RTFx':>7} {'p50 s':>7} {'p90 s':>7}")
     for r in results:
         lat = r["latency_s"]

@@ -4,11 +4,11 @@ Used by the end-to-end tests and by benchmark_service.py: each instance gets its
 log and model-store directories and its own ports (HTTP, gRPC, worker sockets), so several
 can run beside each other and beside a developer's server on the default ports.
 
-    service = start_service(Path("/tmp/ts-a"), model="tiny.en", extra_env={"WHISPER_BATCH_SIZE": "1"})
-    ...
-    service.stop()
+    with running_service(Path("/tmp/ts-a"), model="tiny.en", extra_env={"WHISPER_BATCH_SIZE": "1"}) as service:
+        ...
 """
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -98,3 +98,13 @@ def start_service(
                 logs += f"\n--- {name} (tail)\n" + "\n".join(path.read_text().splitlines()[-40:])
         raise RuntimeError(f"serve.sh --background failed ({proc.returncode}):\n{proc.stderr}{logs}")
     return service
+
+
+@contextlib.contextmanager
+def running_service(root: Path, **kwargs):
+    """start_service(root, **kwargs) for the length of a `with` block, stopped on any exit."""
+    service = start_service(root, **kwargs)
+    try:
+        yield service
+    finally:
+        service.stop()

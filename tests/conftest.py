@@ -20,7 +20,7 @@ SHARED_AUDIO = Path(os.environ.get("WHISPER_SHARED_AUDIO", REPO.parent / "shared
 MODELS_DIR = REPO / "whisper-models"
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
 
-from local_service import Service, free_port, start_service  # noqa: E402  (scripts/ is on the path now)
+from local_service import Service, free_port, running_service, start_service  # noqa: E402,F401  (scripts/ is on the path now)
 
 
 # The shared services batch up to 4 requests that arrive within 1 s of each other, so
@@ -31,17 +31,15 @@ BATCHING_ENV = {"WHISPER_BATCH_SIZE": "4", "WHISPER_MAX_BATCH_DELAY_MS": "1000"}
 @pytest.fixture(scope="session")
 def service(tmp_path_factory):
     """TorchServe with tiny.en, shared by the end-to-end tests of one session."""
-    svc = start_service(tmp_path_factory.mktemp("service"), extra_env=BATCHING_ENV, openai=True)
-    yield svc
-    svc.stop()
+    with running_service(tmp_path_factory.mktemp("service"), extra_env=BATCHING_ENV, openai=True) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="session")
 def base_service(tmp_path_factory):
     """TorchServe with base, the default (multilingual) model users get."""
-    svc = start_service(tmp_path_factory.mktemp("base-service"), model="base", extra_env=BATCHING_ENV)
-    yield svc
-    svc.stop()
+    with running_service(tmp_path_factory.mktemp("base-service"), model="base", extra_env=BATCHING_ENV) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +61,24 @@ def checkpoint(model: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} missing: run scripts/download_model.py --model {model}")
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_en_model():
+    """The real tiny.en model on CPU, loaded once per test module (an Engine may cast it)."""
+    from checkpoint import load_whisper
+
+    if not SHARED_AUDIO.exists():
+        pytest.skip(f"shared audio missing: {SHARED_AUDIO}")
+    return load_whisper(str(checkpoint("tiny.en")), "cpu")
+
+
+def load_properties(path: Path) -> dict:
+    """A Java .properties file (TorchServe's config) as a dict."""
+    props = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            props[key.strip()] = value.strip()
+    return props

@@ -26,7 +26,7 @@ import requests
 import soundfile as sf
 import soxr
 
-from conftest import BATCHING_ENV, PYTHON, REPO, start_service
+from conftest import BATCHING_ENV, PYTHON, REPO, running_service
 from scoring import normalize, score
 
 pytestmark = pytest.mark.e2e
@@ -326,11 +326,8 @@ LIMITS_ENV = {
 
 @pytest.fixture(scope="module")
 def limits_service(tmp_path_factory):
-    svc = start_service(tmp_path_factory.mktemp("limits-service"), extra_env=LIMITS_ENV)
-    try:
+    with running_service(tmp_path_factory.mktemp("limits-service"), extra_env=LIMITS_ENV) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 def test_longer_than_max_duration_is_413(limits_service, shared_audio):
@@ -408,11 +405,8 @@ FAULTS_ENV = {
 
 @pytest.fixture(scope="module")
 def faults_service(tmp_path_factory):
-    svc = start_service(tmp_path_factory.mktemp("faults-service"), extra_env=FAULTS_ENV)
-    try:
+    with running_service(tmp_path_factory.mktemp("faults-service"), extra_env=FAULTS_ENV) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 def post_in_background(service, data: bytes, content_type: str, timeout: float) -> dict:

@@ -6,17 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import load_properties
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def load_properties(path: Path) -> dict:
-    props = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            props[key.strip()] = value.strip()
-    return props
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,10 @@
 """The batched decoder gives openai-whisper's decode() tokens, token for token, at
 temperature 0 on real 30 s windows (tiny.en), for a batch and for rows with prompts."""
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "handler")]
-AUDIO = Path(os.environ.get("WHISPER_SHARED_AUDIO", REPO / ".." / "shared" / "audio"))
-CHECKPOINT = REPO / "whisper-models" / "whisper_tiny.en.pth"
+from conftest import SHARED_AUDIO as AUDIO
 
 whisper = pytest.importorskip("whisper")
 from whisper.tokenizer import get_tokenizer  # noqa: E402
@@ -23,12 +16,8 @@ FILES = ["jfk/jfk.flac", "english/mfa_acoustic_corpus.wav", "english/LJ002-0020.
 
 
 @pytest.fixture(scope="module")
-def model():
-    if not CHECKPOINT.exists():
-        pytest.skip(f"tiny.en checkpoint missing: {CHECKPOINT} (scripts/download_model.py tiny.en)")
-    if not AUDIO.exists():
-        pytest.skip(f"shared audio missing: {AUDIO}")
-    return whisper.load_model(str(CHECKPOINT), device="cpu")
+def model(tiny_en_model):
+    return tiny_en_model
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from conftest import load_properties
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 IMAGE = "ghcr.io/whisper-torchserve/whisper-torchserve:latest"
@@ -32,14 +34,6 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # ---------------------------------------------------------------- loading
 
 
-def load_properties(path: Path) -> dict:
-    props = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            props[key.strip()] = value.strip()
-    return props
 
 
 def port_of(address: str) -> int:

@@ -2,17 +2,10 @@
 silence stays silent, packed short clips come back to the right requests, word
 timestamps are monotonic and inside their segments."""
 
-import os
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
-AUDIO = Path(os.environ.get("WHISPER_SHARED_AUDIO", REPO / ".." / "shared" / "audio"))
-CHECKPOINT = REPO / "whisper-models" / "whisper_tiny.en.pth"
+from conftest import SHARED_AUDIO as AUDIO
 
 whisper = pytest.importorskip("whisper")
 
@@ -23,12 +16,8 @@ from scoring import normalize  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model():
-    if not CHECKPOINT.exists():
-        pytest.skip(f"tiny.en checkpoint missing: {CHECKPOINT} (scripts/download_model.py tiny.en)")
-    if not AUDIO.exists():
-        pytest.skip(f"shared audio missing: {AUDIO}")
-    return whisper.load_model(str(CHECKPOINT), device="cpu")
+def model(tiny_en_model):
+    return tiny_en_model
 
 
 def load(name):
