@@ -37,9 +37,9 @@ from client import (
     WhisperClient,
     add_common_args,
     audio_duration,
-    client_from_args,
+    audio_paths_or_exit,
     error_from_response,
-    expand_audio_paths,
+    reachable_client_or_exit,
 )
 
 
@@ -439,18 +439,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        files = expand_audio_paths(args.paths)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    files = audio_paths_or_exit(args.paths)
     references = load_references(args.expect) if args.expect else None
-    client = client_from_args(args)
-    try:
-        client.ping()
-    except ClientError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    client = reachable_client_or_exit(args)
 
     count = args.requests if args.requests or args.duration else len(files)
     options = {"response_format": args.response_format, "language": args.language}

@@ -16,6 +16,7 @@ import mimetypes
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -301,6 +302,26 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="seconds to wait for each response (default %(default)s)",
     )
     return parser
+
+
+def audio_paths_or_exit(paths) -> list[Path]:
+    """expand_audio_paths for a script's arguments: a missing path ends the script (exit 2)."""
+    try:
+        return expand_audio_paths(paths)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def reachable_client_or_exit(args: argparse.Namespace) -> "WhisperClient":
+    """client_from_args, checked with /ping: an unreachable service ends the script (exit 1)."""
+    client = client_from_args(args)
+    try:
+        client.ping()
+    except ClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return client
 
 
 def client_from_args(args: argparse.Namespace) -> WhisperClient:

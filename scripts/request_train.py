@@ -35,9 +35,9 @@ from client import (
     ClientError,
     WhisperClient,
     add_common_args,
-    client_from_args,
+    audio_paths_or_exit,
     error_from_response,
-    expand_audio_paths,
+    reachable_client_or_exit,
 )
 
 
@@ -213,17 +213,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        files = expand_audio_paths(args.paths)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    client = client_from_args(args)
-    try:
-        client.ping()
-    except ClientError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    files = audio_paths_or_exit(args.paths)
+    client = reachable_client_or_exit(args)
     schedule = arrival_schedule(args.rate, args.duration, args.poisson, args.seed)
     kind = "Poisson" if args.poisson else "fixed"
     print(f"{len(schedule)} requests at {args.rate:g}/s ({kind}) for {args.duration:g} s -> {client.predictions_url}", file=sys.stderr)

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from client import ClientError, add_common_args, client_from_args, expand_audio_paths, to_json
+from client import ClientError, add_common_args, audio_paths_or_exit, client_from_args, to_json
 
 EXTENSIONS = {"json": ".json", "verbose_json": ".json", "text": ".txt", "srt": ".srt", "vtt": ".vtt"}
 
@@ -76,11 +76,7 @@ def output_path(args: argparse.Namespace, audio: Path, several: bool) -> Path | 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        paths = expand_audio_paths(args.paths)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    paths = audio_paths_or_exit(args.paths)
     client = client_from_args(args)
     options = request_options(args)
     several = len(paths) > 1
