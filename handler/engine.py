@@ -63,7 +63,10 @@ class EngineConfig:
     # bf16 weights and activations on cpu; None: on where the cpu has AMX bf16 (2-3x faster
     # encoder there; measured within the accuracy bar with tiny.en and base)
     cpu_bf16: Optional[bool] = None
-    pack_short: Optional[bool] = None  # None: on for cpu, off for cuda
+    # Pack short clips several to a window (CPU). Off by default: under load a clip's
+    # transcript then depends on its neighbours, and a soak run saw words dropped at a
+    # clip boundary; it also did not pay for its split-back cost (docs/benchmarks.md).
+    pack_short: Optional[bool] = False  # None: on for cpu, off for cuda
     pack_max_clip_seconds: float = 20.0  # longer requests are never packed
     pack_window_seconds: float = 28.0
     pack_gap_seconds: float = 2.0

@@ -135,8 +135,8 @@ class WhisperHandler(BaseHandler):
                 device=str(self.device),
                 window_budget=int(self.settings.get("window_budget") or 0) or None,
                 cpu_bf16=self._cpu_bf16(),
-                # None lets the engine decide (pack on CPU, never on GPU); False turns it off.
-                pack_short=None if self.settings.get("pack_short_clips", True) else False,
+                # None lets the engine pack on CPU (never on GPU); False turns packing off.
+                pack_short=None if self.settings.get("pack_short_clips", False) else False,
             ),
         )
         self.model = self.engine.model  # moved/cast for the device by the engine

@@ -63,7 +63,7 @@ def main(argv=None):
     parser.add_argument("--max-seconds", type=float, default=60.0, help="skip longer files")
     parser.add_argument("--window-budget", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads (both runs)")
-    parser.add_argument("--no-pack", action="store_true", help="engine: do not pack short clips")
+    parser.add_argument("--pack", action="store_true", help="engine: pack short clips into shared windows (CPU, experimental)")
     parser.add_argument("--quantize", action="store_true", help="engine: int8 dynamic quantization on cpu")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                         help="engine: bf16 on cpu (auto: where the cpu has AMX bf16)")
@@ -94,7 +94,7 @@ def main(argv=None):
         model = whisper.load_model(args.model, device=args.device)
     config = EngineConfig(
         device=args.device, window_budget=args.window_budget, cpu_threads=args.threads,
-        pack_short=False if args.no_pack else None, quantize_cpu=args.quantize,
+        pack_short=None if args.pack else False, quantize_cpu=args.quantize,
         cpu_bf16={"auto": None, "on": True, "off": False}[args.bf16],
     )
     engine = Engine(model, config)

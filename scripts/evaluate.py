@@ -139,7 +139,7 @@ def main(argv=None):
     parser.add_argument("--given-language", action="store_true", help="pass the manifest's language instead of detecting")
     parser.add_argument("--limit", type=int, help="only the first N files")
     parser.add_argument("--window-budget", type=int, help="engine: windows per forward pass")
-    parser.add_argument("--no-pack", action="store_true", help="engine: do not pack short clips")
+    parser.add_argument("--pack", action="store_true", help="engine: pack short clips into shared windows (CPU, experimental)")
     parser.add_argument("--quantize", action="store_true", help="engine: int8 dynamic quantization on cpu")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                         help="engine: bf16 on cpu (auto: where the cpu has AMX bf16)")
@@ -156,7 +156,7 @@ def main(argv=None):
 
         config = EngineConfig(
             device=args.device, window_budget=args.window_budget,
-            pack_short=False if args.no_pack else None, quantize_cpu=args.quantize,
+            pack_short=None if args.pack else False, quantize_cpu=args.quantize,
             cpu_bf16={"auto": None, "on": True, "off": False}[args.bf16], cpu_threads=args.threads,
         )
         engine = Engine(load_model(args.model, args.device), config)
