@@ -14,7 +14,7 @@
 # Environment (all optional):
 #   WHISPER_MODEL        tiny.en | base | small ...            (default: base)
 #   WHISPER_DEVICE       auto | gpu | cpu                      (default: auto)
-#   WHISPER_WORKERS, WHISPER_BATCH_SIZE, WHISPER_MAX_BATCH_DELAY_MS   model-config overrides
+#   WHISPER_WORKERS, WHISPER_WINDOW_BUDGET, WHISPER_MAX_INFLIGHT_AUDIO_S, ...  model-config overrides (handler/settings.py)
 #   TS_INFERENCE_ADDRESS, TS_MANAGEMENT_ADDRESS, TS_METRICS_ADDRESS   move the ports
 #   WHISPER_VENV         virtual environment to use/create     (default: ./.venv)
 #   WHISPER_RUN_DIR      pid file and TorchServe temp files    (default: ./.run)

@@ -10,7 +10,7 @@ the same tokens as `whisper.decode(..., DecodingOptions(temperature=0))`.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -181,6 +181,21 @@ def _logits(model, hidden: Tensor) -> Tensor:
     return (hidden @ weight.T).float()
 
 
+def _sample(logits: Tensor, row_temperature: Tensor, active_rows: List[int], sampled: List[int],
+            generators) -> Tensor:
+    """Greedy tokens for rows at temperature 0; for the `sampled` rows (positions among the
+    active rows), argmax(logits / T - log E) with E ~ Exp(1) drawn from the row's own
+    generator: a sample from softmax(logits / T) that no other row can influence."""
+    next_tokens = logits.argmax(dim=-1)
+    noise = torch.stack([
+        torch.empty(logits.shape[-1]).exponential_(generator=generators[active_rows[k]])
+        for k in sampled
+    ]).to(logits.device)
+    index = torch.tensor(sampled, device=logits.device)
+    scores = logits.index_select(0, index) / row_temperature.index_select(0, index) - noise.log()
+    return next_tokens.index_copy(0, index, scores.argmax(dim=-1))
+
+
 @torch.no_grad()
 def decode_windows(
     model,
@@ -188,14 +203,18 @@ def decode_windows(
     initial_tokens: Sequence[Sequence[int]],
     tokenizer: Tokenizer,
     rules: TokenRules,
-    temperature: float = 0.0,
+    temperatures: Union[float, Sequence[float]] = 0.0,
     max_new_tokens: Optional[int] = None,
     sync_every: int = 1,
-    generator: Optional[torch.Generator] = None,
+    generators: Optional[Sequence[Optional[torch.Generator]]] = None,
 ) -> List[DecodedWindow]:
     """Decode each row of `audio_features` (n_rows, n_audio_ctx, n_state) after its own
     `initial_tokens` ([sot_prev, prompt...,] sot, [language, task]) with timestamps.
 
+    temperatures: one for all rows, or one per row; 0 is greedy. A row sampled at a
+    temperature above 0 draws its noise only from its own CPU generator in `generators`
+    (the exponential race, equivalent to sampling from softmax(logits / T)), so its
+    tokens do not depend on which other rows share the batch.
     sync_every: how many steps between checks for finished rows (each check is one
     device sync); finished rows leave the batch at the next check.
     """
@@ -244,8 +263,17 @@ def decode_windows(
         no_speech_probs = torch.full((n_rows,), float("nan"), device=device)
     logits = _logits(model, hidden[:, -1:])[:, 0]
 
-    # per active row state; `active` maps active rows to original rows
+    if isinstance(temperatures, (int, float)):
+        temperatures = [float(temperatures)] * n_rows
+    temperatures = [float(t) for t in temperatures]
+    if generators is None:
+        generators = [None] * n_rows
+    row_temperature = torch.tensor(temperatures, device=device).clamp(min=1e-6)[:, None]
+
+    # per active row state; `active` maps active rows to original rows (`active_rows`: the
+    # same on the host, updated only where the finished-row check syncs anyway)
     active = rows.clone()
+    active_rows = list(range(n_rows))
     out_tokens = torch.full((n_rows, n_steps), eot, dtype=torch.long, device=device)
     n_sampled = torch.full((n_rows,), n_steps, dtype=torch.long, device=device)
     sum_logprobs = torch.zeros(n_rows, device=device)
@@ -257,11 +285,11 @@ def decode_windows(
 
     for step in range(n_steps):
         apply_rules(rules, logits, step, last, penultimate, last_ts)
-        if temperature == 0:
+        sampled = [k for k, r in enumerate(active_rows) if temperatures[r] > 0]
+        if not sampled:
             next_tokens = logits.argmax(dim=-1)
         else:
-            probs = F.softmax(logits / temperature, dim=-1)
-            next_tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            next_tokens = _sample(logits, row_temperature, active_rows, sampled, generators)
         logprobs = F.log_softmax(logits.float(), dim=-1)  # as whisper, for equal sums
         current = logprobs.gather(1, next_tokens[:, None])[:, 0]
         sum_logprobs.index_add_(0, active, current * ~done)
@@ -289,9 +317,11 @@ def decode_windows(
             n_done = 0
         if n_done:
             keep = (~done).nonzero()[:, 0]
-            active, last, penultimate, last_ts, done = (
-                t.index_select(0, keep) for t in (active, last, penultimate, last_ts, done)
+            active, last, penultimate, last_ts, done, row_temperature = (
+                t.index_select(0, keep)
+                for t in (active, last, penultimate, last_ts, done, row_temperature)
             )
+            active_rows = active.tolist()
             next_position = next_position.index_select(0, keep)
             if key_mask is not None:
                 key_mask = key_mask.index_select(0, keep)
@@ -327,7 +357,7 @@ def decode_windows(
                 sum_logprob=sum_logprobs[r],
                 avg_logprob=sum_logprobs[r] / (len(tokens) + 1),
                 no_speech_prob=no_speech_probs[r],
-                temperature=temperature,
+                temperature=temperatures[r],
                 compression_ratio=compression_ratio(text),
             )
         )

@@ -1,77 +1,74 @@
-"""The batched transcription engine: many requests, one model, windows batched together.
+"""The serving engine: a scheduler that batches 30 s windows across all in-flight requests.
 
-Each request's audio becomes one or more *streams* (a long file is cut at pauses so it
-can fill a batch by itself). Every engine step takes the current 30 s window of up to
-`window_budget` active streams, computes their log-mel on the device, runs the encoder
-once and decodes all windows together with timestamps (decoding.py). Each stream then
-seeks to the end of its last complete segment exactly as `whisper.transcribe` does, so
-words are neither cut nor repeated at window edges. Windows that fail whisper's checks
-are decoded again at the next temperature as a smaller batch.
+Requests are submitted at any time (`submit` returns a Future) and join the running batch
+at the next step. The scheduler runs its own thread; each step it
 
-On CPU, short requests can be packed several to a window (one encoder pass instead of
-several) and split back by word timestamps; clips whose attribution is unclear are
-decoded again on their own. `mode="sequential"` runs openai-whisper's own `transcribe`.
+1. admits the requests that arrived (cutting a long one into pieces on GPU),
+2. takes up to `window_budget` windows from the in-flight streams, one per request per
+   round in order of arrival, so a long file uses free slots but never holds back a
+   short request that came later,
+3. has the model runner (runner.py, the only part that touches torch) encode the new
+   windows, detect languages and decode every window at its own temperature,
+4. applies each decoded window to its stream (stream.py): a window that fails whisper's
+   checks goes back into the next step's pool one temperature hotter, keeping its encoder
+   output; the others move their stream's seek on exactly as `whisper.transcribe` does,
+5. hands newly committed segments to the request's listener (streaming) and finishes
+   the requests whose streams are all done.
+
+A failure is confined to what caused it: a runner call that raises is split in halves
+and retried (an out-of-memory error also lowers the window budget), so only the window
+that fails alone fails, and only its request; a stream whose update raises ends its own
+request. Sampling at temperatures above 0 uses a generator seeded per window from the
+request's `seed`, so an answer never depends on what else was decoded.
+
+`mode="sequential"` runs openai-whisper's own `transcribe` in the same thread, between
+steps.
 """
 
 import itertools
+import logging
+import math
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
-from whisper.timing import add_word_timestamps, dtw
-from whisper.tokenizer import get_tokenizer
-from whisper.utils import get_end
+from whisper.audio import N_FRAMES, SAMPLE_RATE
 
-from decoding import TokenRules, decode_windows
+from errors import InternalError, InvalidAudio, Overloaded, OutOfMemory, RequestError
 from formats import Segment, Transcript, Word
+from oom import is_out_of_memory
+from options import TranscriptionOptions
+from runner import ModelRunner, cpu_has_amx_bf16, gpu_window_budget
+from stream import Request, Stream, stream_clips, to_segment
+from windows import Thresholds, split_points
 from word_timing import snap_words
-from windows import (
-    best_attempt,
-    FRAMES_PER_SECOND,
-    PackedWord,
-    Thresholds,
-    is_silence,
-    needs_fallback,
-    pack_audio,
-    parse_window,
-    plan_packs,
-    split_points,
-    split_words,
-    stream_clips,
-)
 
-DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "cpu"
     fp16: Optional[bool] = None  # None: fp16 on cuda, fp32 on cpu
-    window_budget: Optional[int] = None  # max windows per forward pass; None: by device
+    # bf16 weights and activations on cpu; None: on where the cpu has AMX bf16 (2-3x faster
+    # encoder there; measured within the accuracy bar with tiny.en and base)
+    cpu_bf16: Optional[bool] = None
+    window_budget: Optional[int] = None  # max windows per step; None: by device
     max_new_tokens: int = 224
     compression_ratio_threshold: Optional[float] = 2.4
     logprob_threshold: Optional[float] = -1.0
     no_speech_threshold: Optional[float] = 0.6
     # whisper.transcribe's default; measured to change WER little either way
     condition_on_previous_text: bool = True
-    cpu_threads: Optional[int] = None  # None: torch's default
-    quantize_cpu: bool = False  # int8 dynamic quantization of Linear layers on cpu
-    # bf16 weights and activations on cpu; None: on where the cpu has AMX bf16 (2-3x faster
-    # encoder there; measured within the accuracy bar with tiny.en and base)
-    cpu_bf16: Optional[bool] = None
-    # Pack short clips several to a window (CPU). Off by default: under load a clip's
-    # transcript then depends on its neighbours, and a soak run saw words dropped at a
-    # clip boundary; it also did not pay for its split-back cost (docs/benchmarks.md).
-    pack_short: Optional[bool] = False  # None: on for cpu, off for cuda
-    pack_max_clip_seconds: float = 20.0  # longer requests are never packed
-    pack_window_seconds: float = 28.0
-    pack_gap_seconds: float = 2.0
-    # cut long requests at pauses into streams decoded side by side (None: on cuda only;
-    # on cpu the encoder already fills the cores, and each cut costs an extra window)
+    # Cut long requests at pauses into streams decoded side by side (None: on cuda only; on
+    # cpu the encoder already fills the cores, and each cut costs an extra window). The
+    # number of pieces depends on the request alone, so its answer does not depend on load.
     split_long: Optional[bool] = None
     min_stream_seconds: float = 60.0  # pieces a long request is cut into are at least this long
     # Windows per encoder call. On CPU larger calls are slower per window (the attention
@@ -79,7 +76,10 @@ class EngineConfig:
     # on 2 cores), so the step's windows are encoded in pairs; on GPU all at once.
     encoder_batch: Optional[int] = None
     sync_every: Optional[int] = None  # decoder steps between finished-row checks; None: by device
-    seed: int = 0  # for the sampling at temperatures > 0
+    # Seconds of audio admitted at once; a request beyond it gets 503 with Retry-After
+    # (a request alone is always admitted: max_duration_s bounds it).
+    max_inflight_audio_s: float = 8 * 3600
+    oom_above_windows: int = 0  # tests only: runner calls with more windows raise an injected OOM
 
     def resolved(self, dims=None) -> "EngineConfig":
         """Fill in the device-dependent defaults (`dims`: the model's ModelDimensions)."""
@@ -93,13 +93,10 @@ class EngineConfig:
             self,
             fp16=cuda if self.fp16 is None else (self.fp16 and cuda),
             window_budget=budget,
-            pack_short=(not cuda) if self.pack_short is None else self.pack_short,
             split_long=cuda if self.split_long is None else self.split_long,
             sync_every=(4 if cuda else 1) if self.sync_every is None else self.sync_every,
             encoder_batch=(budget if cuda else 2) if self.encoder_batch is None else self.encoder_batch,
-            quantize_cpu=self.quantize_cpu and not cuda,
-            cpu_bf16=(cpu_has_amx_bf16() if self.cpu_bf16 is None else self.cpu_bf16)
-            and not cuda and not self.quantize_cpu,
+            cpu_bf16=(cpu_has_amx_bf16() if self.cpu_bf16 is None else self.cpu_bf16) and not cuda,
         )
 
     @property
@@ -109,109 +106,15 @@ class EngineConfig:
         return torch.bfloat16 if self.cpu_bf16 else torch.float32
 
 
-def cpu_has_amx_bf16() -> bool:
-    """True when the cpu has AMX bf16 tiles (Linux: from /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
-def gpu_window_budget(device: torch.device, dims, fraction: float = 0.5) -> int:
-    """Windows per pass that fit in `fraction` of the GPU memory still free: per window
-    the fp16 cross-attention keys/values of every decoder layer, the self-attention
-    cache, and the encoder's widest activations (the MLP, 4x the width)."""
-    free, _ = torch.cuda.mem_get_info(device)
-    cross = 2 * dims.n_text_layer * dims.n_audio_ctx * dims.n_text_state * 2
-    self_cache = 2 * dims.n_text_layer * dims.n_text_ctx * dims.n_text_state * 2
-    encoder = 3 * dims.n_audio_ctx * 4 * dims.n_audio_state * 2
-    logits = 4 * dims.n_vocab * 4
-    per_window = cross + self_cache + encoder + logits
-    return int(max(1, min(256, fraction * free // per_window)))
-
-
-def prepare_model(model, config: EngineConfig):
-    """Move the model to the device: fp16 weights with fp32 LayerNorms on cuda (so no
-    weight is cast per call); on cpu optionally bf16 the same way, or int8 dynamic
-    quantization of the Linears. Reduced-precision cpu models are copies."""
-    model = model.to(config.device).eval()
-    if config.fp16 or config.cpu_bf16:
-        if config.cpu_bf16:
-            import copy
-
-            model = copy.deepcopy(model)
-        model.to(config.dtype)
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.float()
-    elif config.quantize_cpu:
-        from quantize import quantize_linears
-
-        model = quantize_linears(model)
-    return model
-
-
 @dataclass
-class _Request:
-    index: int
-    audio: np.ndarray
-    options: object
-    language: Optional[str] = None
-    mel: Optional[torch.Tensor] = None
-    content_frames: int = 0
+class StepReport:
+    """What one step did, for metrics (handed to the engine's `on_step`)."""
 
-
-@dataclass
-class _Stream:
-    """One run of consecutive windows from `clip_start`, keeping the segments that start
-    before `clip_end` (where the next stream of the same request begins). Windows are not
-    truncated at clip_end, so speech just before the cut is decoded in full context."""
-
-    owner: int  # request index, or -1 - pack index for a packed window
-    mel: torch.Tensor
-    content_frames: int
-    clip_start: int
-    clip_end: int
-    request: _Request  # holds the language, set on the first window when detected
-    task: str
-    temperatures: Tuple[float, ...]
-    word_timestamps: bool
-    initial_prompt: List[int]
-    seek: int = 0
-    all_tokens: List[int] = field(default_factory=list)
-    prompt_reset_since: int = 0
-    segments: List[dict] = field(default_factory=list)
-    last_speech_timestamp: float = 0.0
-
-    @property
-    def language(self) -> Optional[str]:
-        return self.request.language
-
-    @property
-    def done(self) -> bool:
-        return self.seek >= min(self.clip_end, self.content_frames)
-
-
-@dataclass
-class _Pack:
-    requests: List[int]
-    layout: object
-    stream: Optional[_Stream] = None
-
-
-class _Encoded:
-    """The model as whisper.timing sees it, fed the window's encoder output instead of
-    its mel, so word timestamps do not run the encoder a second time."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, audio_features, tokens):
-        return self.model.decoder(tokens, audio_features)
+    windows: int
+    seconds: float
+    requests: int  # in flight after the step
+    streams: int
+    first_window_waits: List[float] = field(default_factory=list)  # s from arrival, per request
 
 
 def words_on_speech(transcript: Transcript, audio: np.ndarray) -> Transcript:
@@ -228,95 +131,399 @@ def words_on_speech(transcript: Transcript, audio: np.ndarray) -> Transcript:
     return replace(transcript, segments=segments)
 
 
-def _option(options, name, default=None):
-    value = getattr(options, name, default)
-    return default if value is None else value
+def window_seed(seed: int, stream: Stream) -> int:
+    """The sampling seed of a stream's current window and fallback level: a function of the
+    request's seed and the window's place only."""
+    return (seed * 1_000_003 + stream.clip_start * 65_537 + stream.seek * 257 + stream.level) % (1 << 62)
 
 
 class Engine:
-    """Transcribe lists of (audio, TranscriptionOptions), batching windows across them."""
+    """Continuous batching of Whisper windows across requests (see the module docstring)."""
 
-    def __init__(self, model, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, config: EngineConfig = EngineConfig(),
+                 on_step: Optional[Callable[[StepReport], None]] = None):
         self.config = config.resolved(model.dims)
-        if self.config.cpu_threads and not str(self.config.device).startswith("cuda"):
-            torch.set_num_threads(self.config.cpu_threads)
-        self.model = prepare_model(model, self.config)
+        c = self.config
+        self.runner = ModelRunner(model, c.device, c.dtype, encoder_batch=c.encoder_batch,
+                                  max_new_tokens=c.max_new_tokens, sync_every=c.sync_every,
+                                  oom_above_windows=c.oom_above_windows)
         # mode="sequential" is the seed's behaviour: the model as loaded, not a reduced copy
-        reduced = self.config.cpu_bf16 or self.config.quantize_cpu
-        self.sequential_model = model if reduced else self.model
-        self.device = torch.device(self.config.device)
-        self.dtype = self.config.dtype
-        self.thresholds = Thresholds(
-            self.config.compression_ratio_threshold,
-            self.config.logprob_threshold,
-            self.config.no_speech_threshold,
-        )
-        tokenizer = self.tokenizer("en", "transcribe")
-        self.rules = TokenRules(
-            tokenizer, self.model.dims.n_vocab, self.model.dims.n_audio_ctx, self.device
-        )
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(self.config.seed)
-        # Counters and seconds per phase since start; the handler logs and exports the deltas.
+        self.sequential_model = model if c.cpu_bf16 else self.runner.model
+        self.thresholds = Thresholds(c.compression_ratio_threshold, c.logprob_threshold,
+                                     c.no_speech_threshold)
+        self.window_budget = c.window_budget  # lowered after an out-of-memory step
+        self.on_step = on_step
+        # Counters and seconds per phase since start; the handler logs and exports them.
         self.stats = {
-            "encoder_passes": 0, "encoder_windows": 0, "decoded_windows": 0, "fallback_windows": 0,
-            "mel_s": 0.0, "encode_s": 0.0, "decode_s": 0.0,
+            "steps": 0, "encoder_windows": 0, "decoded_windows": 0, "fallback_windows": 0,
+            "oom_splits": 0, "failed_requests": 0, "finished_requests": 0, "audio_s": 0.0,
+            "mel_s": 0.0, "encode_s": 0.0, "decode_s": 0.0, "step_s": 0.0,
         }
+        self._cond = threading.Condition()
+        self._inbox: Deque[Tuple[Request, Future]] = deque()
+        self._inflight_audio_s = 0.0
+        self._inflight_requests = 0
+        self._active: List[Request] = []  # admitted, in order of arrival (engine thread only)
+        self._futures: Dict[int, Future] = {}
+        self._retry: Dict[int, torch.Tensor] = {}  # id(stream) -> encoder output kept for a retry
+        self._ids = itertools.count()
+        self._closed = False
+        # finishing a request (text, word snapping on the audio) is per-request CPU work:
+        # it runs beside the loop, not in it
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="whisper-finish")
+        self._thread = threading.Thread(target=self._loop, name="whisper-engine", daemon=True)
+        self._thread.start()
 
-    def tokenizer(self, language: Optional[str], task: str):
-        model = self.model
-        return get_tokenizer(
-            model.is_multilingual,
-            num_languages=model.num_languages,
-            language=language if model.is_multilingual else "en",
-            task=task if model.is_multilingual else "transcribe",
-        )
+    @property
+    def model(self):
+        return self.runner.model
+
+    @property
+    def languages(self) -> Tuple[str, ...]:
+        return self.runner.languages
 
     # ------------------------------------------------------------------ public entry
 
-    def warmup(self) -> None:
-        """Run two short synthetic clips with word timestamps through the batched path, so
-        the first real requests do not pay for lazy initialisation (numba compiles
-        whisper.timing's DTW on first use, cuDNN picks its kernels)."""
-        from options import TranscriptionOptions
+    def submit(self, audio: np.ndarray, options: TranscriptionOptions = TranscriptionOptions(),
+               on_segments: Optional[Callable[[List[Segment]], None]] = None,
+               request_id: Optional[str] = None, admit_always: bool = False) -> Future:
+        """Queue one request; the Future gives its Transcript or raises its RequestError.
 
+        on_segments is called (from the engine's threads) with each run of newly committed
+        segments, in order. Raises Overloaded when more than `max_inflight_audio_s` seconds
+        of audio would be in flight, InvalidAudio for non-finite samples. The log-mel is
+        computed here, in the caller's thread, not in the engine loop."""
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if not np.isfinite(audio).all():
+            raise InvalidAudio("invalid_samples", "the audio has NaN or infinite samples")
+        request = Request(id=request_id or str(next(self._ids)), audio=audio, options=options,
+                          on_segments=on_segments)
+        if not self.runner.model.is_multilingual:
+            request.language = "en"
+        else:
+            request.language = options.language
+        with self._cond:
+            self._admit_or_refuse(request.duration, admit_always)
+            self._inflight_audio_s += request.duration
+            self._inflight_requests += 1
+        try:
+            if options.mode != "sequential":
+                started = time.perf_counter()
+                request.mel = self.runner.mel(audio)
+                request.content_frames = request.mel.shape[-1] - N_FRAMES
+                self.stats["mel_s"] += time.perf_counter() - started
+        except BaseException:
+            self._release(request)
+            raise
+        future: Future = Future()
+        with self._cond:
+            self._inbox.append((request, future))
+            self._cond.notify()
+        return future
+
+    def transcribe(self, requests: Sequence[Tuple[np.ndarray, TranscriptionOptions]]) -> List[Transcript]:
+        """Transcribe (audio, options) pairs together and wait for all (scripts and tests)."""
+        futures = [self.submit(audio, options, admit_always=True) for audio, options in requests]
+        return [f.result() for f in futures]
+
+    def load(self) -> dict:
+        """In-flight requests and streams, admitted audio seconds, and the window budget."""
+        active = list(self._active)
+        return {
+            "requests": self._inflight_requests,
+            "streams": sum(1 for r in active for s in r.streams if not s.done),
+            "inflight_audio_s": round(self._inflight_audio_s, 3),
+            "window_budget": self.window_budget,
+        }
+
+    def warmup(self) -> None:
+        """Run two short synthetic clips with word timestamps through the engine, so the
+        first real requests do not pay for lazy initialisation (numba compiles
+        whisper.timing's DTW on first use, cuDNN picks its kernels)."""
         t = np.arange(SAMPLE_RATE * 2) / SAMPLE_RATE
         clip = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
         stats = dict(self.stats)
         self.transcribe([(clip, TranscriptionOptions(word_timestamps=True))] * 2)
-        self.stats = stats
-        # numba (cpu) or triton (cuda) compile the DTW of word timestamps on first use
-        dtw(torch.randn(20, 40, device=self.device))
+        self.stats.update(stats)
+        self.runner.warm_kernels()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=60)
+        self._finisher.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ admission
+
+    def _admit_or_refuse(self, duration: float, admit_always: bool) -> None:
+        cap = self.config.max_inflight_audio_s
+        if admit_always or self._inflight_requests == 0 or self._inflight_audio_s + duration <= cap:
+            return
+        # seconds until enough audio has been transcribed, at the rate measured so far
+        rate = self.stats["audio_s"] / self.stats["step_s"] if self.stats["step_s"] > 1 else 1.0
+        excess = self._inflight_audio_s + duration - cap
+        retry_after = int(min(60, max(1, math.ceil(excess / max(rate, 1e-3)))))
+        raise Overloaded(
+            f"the server is transcribing {self._inflight_audio_s:.0f} s of audio, its limit is "
+            f"{cap:.0f} s; retry in {retry_after} s", retry_after=retry_after,
+        )
+
+    def _release(self, request: Request) -> None:
+        with self._cond:
+            self._inflight_audio_s = max(0.0, self._inflight_audio_s - request.duration)
+            self._inflight_requests -= 1
+        request.mel = None
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._inbox and not self._active and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                arrived = list(self._inbox)
+                self._inbox.clear()
+            for request, future in arrived:
+                self._futures[id(request)] = future
+                try:
+                    if request.options.mode == "sequential":
+                        self._finish_sequential(request)
+                    else:
+                        self._admit(request)
+                except Exception as exc:
+                    logger.exception("request %s: admission failed", request.id)
+                    self._fail(request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
+            if self._active:
+                try:
+                    self._step()
+                except Exception as exc:  # a bug outside the per-stream guards: fail the step's requests
+                    logger.exception("engine step failed")
+                    for request in list(self._active):
+                        self._fail(request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
+
+    def _admit(self, r: Request) -> None:
+        """Cut a request into streams and add it to the pool."""
+        c = self.config
+        cuts = []
+        if c.split_long and r.duration >= 2 * c.min_stream_seconds:
+            n_pieces = min(int(r.duration // c.min_stream_seconds), self.window_budget)
+            cuts = split_points(r.audio, n_pieces)
+        o = r.options
+        prompt = self.runner.tokenizer("en", o.task).encode(" " + o.prompt.strip()) if o.prompt else []
+        r.streams = [
+            Stream(request=r, piece=k, clip_start=a, clip_end=b, content_frames=r.content_frames,
+                   temperatures=tuple(o.temperature), word_timestamps=o.word_timestamps,
+                   initial_prompt=list(prompt), condition_on_previous_text=c.condition_on_previous_text)
+            for k, (a, b) in enumerate(stream_clips(r.content_frames, cuts))
+        ]
+        if r.done:  # no audio frames at all
+            self._finish(r)
+        else:
+            self._active.append(r)
+
+    def _select(self) -> List[Stream]:
+        """Up to window_budget streams: one per request per round, in order of arrival."""
+        queues = [deque(s for s in r.streams if not s.done) for r in self._active]
+        chosen: List[Stream] = []
+        while len(chosen) < self.window_budget and any(queues):
+            for q in queues:
+                if q and len(chosen) < self.window_budget:
+                    chosen.append(q.popleft())
+        return chosen
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        streams = self._select()
+        waits = []
+        for s in streams:
+            if s.request.first_window_at is None:
+                s.request.first_window_at = time.monotonic()
+                waits.append(s.request.first_window_at - s.request.arrived)
+        self._run(streams)
+        touched = list(dict.fromkeys(s.request for s in streams))
+        for r in touched:
+            self._publish(r)
+        for r in touched:
+            if r.error is None and r.done:
+                self._finish(r)
+        self._active = [r for r in self._active if not r.done]
+        elapsed = time.perf_counter() - started
+        self.stats["steps"] += 1
+        self.stats["step_s"] += elapsed
+        if self.on_step is not None:
+            load = self.load()
+            try:
+                self.on_step(StepReport(len(streams), elapsed, load["requests"], load["streams"], waits))
+            except Exception:
+                logger.debug("on_step failed", exc_info=True)
+
+    def _run(self, streams: List[Stream]) -> None:
+        """Compute the streams' windows and apply them; a failing computation is split in
+        halves (an out-of-memory error also lowers the budget), down to one window, whose
+        request alone then fails."""
+        try:
+            features, languages, results = self._forward(streams)
+        except Exception as exc:
+            oom = is_out_of_memory(exc)
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            del exc  # its traceback holds the failed call's tensors
+            if self.runner.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if oom:
+                self.stats["oom_splits"] += 1
+                if len(streams) > 1:
+                    self.window_budget = max(1, min(self.window_budget, len(streams) // 2))
+                    logger.warning("out of memory with %d windows: step split, window budget now %d",
+                                   len(streams), self.window_budget)
+            if len(streams) == 1:
+                request = streams[0].request
+                if oom:
+                    error = OutOfMemory("Not enough device memory to transcribe this audio, even "
+                                        f"alone in a step ({message}). Retry later.")
+                else:
+                    logger.error("request %s: window failed alone: %s", request.id, message)
+                    error = InternalError(f"transcription failed: {message}")
+                self._fail(request, error)
+                return
+            half = (len(streams) + 1) // 2
+            self._run(streams[:half])
+            self._run(streams[half:])
+            return
+        for i, s in enumerate(streams):
+            try:
+                self._apply(s, features[i], languages[i], results[i])
+            except Exception as exc:
+                logger.exception("request %s: applying a window failed", s.request.id)
+                self._fail(s.request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
+
+    def _forward(self, streams: List[Stream]):
+        """The pure part of a step: encoder outputs (kept ones for retried windows),
+        languages of requests that did not give one, and the decoded windows."""
+        runner = self.runner
+        started = runner.clock()
+        new = [s for s in streams if id(s) not in self._retry]
+        encoded = iter(runner.encode([s.request.mel[:, s.seek: s.seek + s.window_size] for s in new])
+                       if new else [])
+        features = torch.stack([self._retry[id(s)] if id(s) in self._retry else next(encoded)
+                                for s in streams])
+        languages: List[Optional[str]] = [s.request.language for s in streams]
+        unknown = [i for i, lang in enumerate(languages) if lang is None]
+        if unknown:
+            detected = runner.detect_language(features[unknown])
+            first: Dict[int, str] = {}
+            for i, lang in zip(unknown, detected):  # the request's first row decides
+                languages[i] = first.setdefault(id(streams[i].request), lang)
+        encoded_at = runner.clock()
+        initial = []
+        for s, lang in zip(streams, languages):
+            tokenizer = runner.tokenizer(lang, s.request.options.task)
+            prompt = s.prompt(runner.dims.n_text_ctx)
+            initial.append(([tokenizer.sot_prev] + prompt if prompt else []) + list(tokenizer.sot_sequence))
+        results = runner.decode(features, initial, [s.temperature for s in streams],
+                                [window_seed(s.request.options.seed, s) for s in streams])
+        self.stats["encode_s"] += encoded_at - started
+        self.stats["decode_s"] += runner.clock() - encoded_at
+        self.stats["encoder_windows"] += len(new)
+        self.stats["decoded_windows"] += len(streams)
+        self.stats["fallback_windows"] += len(streams) - len(new)
+        return features, languages, results
+
+    def _apply(self, s: Stream, features: torch.Tensor, language: str, result) -> None:
+        r = s.request
+        if r.error is not None:
+            return
+        if r.language is None:
+            r.language = language
+        chosen = s.record(result, self.thresholds)
+        if chosen is None:  # decode again, hotter, in the next step
+            self._retry[id(s)] = features
+            return
+        self._retry.pop(id(s), None)
+        tokenizer = self.runner.tokenizer(r.language, r.options.task)
+        proposal = s.propose(chosen, self.thresholds, tokenizer)
+        if s.word_timestamps and proposal.segments:
+            self.runner.add_word_timestamps(proposal.segments, features, s.window_size, tokenizer,
+                                            s.last_speech_timestamp)
+        s.commit(proposal)
+
+    # ------------------------------------------------------------------ answers
+
+    def _publish(self, r: Request) -> None:
+        """Hand the request's newly committed segments to its listener."""
+        if r.on_segments is None or r.error is not None:
+            return
+        first_id = r.segment_count()
+        ready = r.ready_segments()
+        if ready:
+            try:
+                r.on_segments([to_segment(d, first_id + k, False) for k, d in enumerate(ready)])
+            except Exception:
+                logger.exception("request %s: segment listener failed", r.id)
+
+    def _fail(self, r: Request, error: RequestError) -> None:
+        if r.error is not None:
+            return
+        r.error = error
+        for s in r.streams:
+            self._retry.pop(id(s), None)
+        self.stats["failed_requests"] += 1
+        self._release(r)
+        future = self._futures.pop(id(r), None)
+        if future is not None:
+            future.set_exception(error)
+        if r in self._active:
+            self._active.remove(r)
+
+    def _finish(self, r: Request) -> None:
+        """Build the answer beside the loop and resolve the request's future."""
+        future = self._futures.pop(id(r), None)
+        self._release(r)
+        self.stats["finished_requests"] += 1
+        self.stats["audio_s"] += r.duration
+        tokenizer = self.runner.tokenizer(r.language, r.options.task)
+
+        def answer():
+            try:
+                transcript = r.transcript(tokenizer, r.options.word_timestamps)
+                if r.options.word_timestamps:
+                    transcript = words_on_speech(transcript, r.audio)
+                future.set_result(transcript)
+            except Exception as exc:
+                logger.exception("request %s: building the answer failed", r.id)
+                future.set_exception(InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
+
+        self._finisher.submit(answer)
+
+    def _finish_sequential(self, r: Request) -> None:
+        """The seed's behaviour: openai-whisper's transcribe with its defaults, here in the
+        engine thread so it never runs beside a step."""
+        future = self._futures.pop(id(r), None)
+        try:
+            transcript = self.transcribe_sequential(r.audio, r.options)
+        except Exception as exc:
+            self._release(r)
+            logger.exception("request %s: sequential transcription failed", r.id)
+            future.set_exception(InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
+            return
+        self._release(r)
+        self.stats["finished_requests"] += 1
+        self.stats["audio_s"] += r.duration
+        if r.options.word_timestamps:
+            transcript = words_on_speech(transcript, r.audio)
+        if r.on_segments is not None:
+            r.on_segments([replace(s, words=None) for s in transcript.segments])
+        future.set_result(transcript)
 
     @torch.no_grad()
-    def transcribe(self, requests: Sequence[Tuple[np.ndarray, object]]) -> List[Transcript]:
-        results: List[Optional[Transcript]] = [None] * len(requests)
-        batched = []
-        for i, (audio, options) in enumerate(requests):
-            audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-            if _option(options, "mode", "batched") == "sequential":
-                results[i] = self.transcribe_sequential(audio, options)
-            else:
-                batched.append(_Request(i, audio, options))
-        if batched:
-            for request, transcript in zip(batched, self._transcribe_batched(batched)):
-                results[request.index] = transcript
-        for i, (audio, options) in enumerate(requests):
-            if _option(options, "word_timestamps", False):
-                results[i] = words_on_speech(results[i], np.asarray(audio, dtype=np.float32).reshape(-1))
-        return results
-
-    def transcribe_sequential(self, audio: np.ndarray, options) -> Transcript:
-        """The seed's behaviour: openai-whisper's transcribe with its defaults."""
-        temperature = _option(options, "temperature", DEFAULT_TEMPERATURES)
+    def transcribe_sequential(self, audio: np.ndarray, options: TranscriptionOptions) -> Transcript:
+        temperature = options.temperature
         result = self.sequential_model.transcribe(
-            audio,
-            language=_option(options, "language"),
-            task=_option(options, "task", "transcribe"),
-            initial_prompt=_option(options, "prompt"),
-            temperature=tuple(temperature) if isinstance(temperature, (list, tuple)) else temperature,
-            word_timestamps=bool(_option(options, "word_timestamps", False)),
-            fp16=self.config.fp16,
+            audio, language=options.language, task=options.task, initial_prompt=options.prompt,
+            temperature=temperature[0] if len(temperature) == 1 else tuple(temperature),
+            word_timestamps=options.word_timestamps, fp16=bool(self.config.fp16),
         )
         segments = [
             Segment(
@@ -328,344 +535,5 @@ class Engine:
             )
             for s in result["segments"]
         ]
-        return Transcript(
-            text=result["text"], language=result["language"], duration=len(audio) / SAMPLE_RATE,
-            segments=segments, task=_option(options, "task", "transcribe"),
-        )
-
-    # ------------------------------------------------------------------ batched path
-
-    def _clock(self) -> float:
-        """Wall time after the device has finished its queued work (phase timings)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _transcribe_batched(self, requests: List[_Request]) -> List[Transcript]:
-        started = self._clock()
-        for r in requests:
-            audio = torch.from_numpy(r.audio).to(self.device)
-            # like transcribe: mel of the whole audio plus 30 s of zeros, sliced at the seek
-            r.mel = log_mel_spectrogram(audio, self.model.dims.n_mels, padding=N_SAMPLES)
-            r.content_frames = r.mel.shape[-1] - N_FRAMES
-        self.stats["mel_s"] += self._clock() - started
-        for r in requests:
-            r.language = "en" if not self.model.is_multilingual else _option(r.options, "language")
-
-        packs, alone = self._plan_packs(requests)
-        streams: Dict[int, List[_Stream]] = {}
-        for r in alone:
-            streams[r.index] = self._streams_for(r, len(alone) + len(packs))
-        for p in packs:
-            p.stream = self._pack_stream(p, requests)
-        self._run([s for ss in streams.values() for s in ss] + [p.stream for p in packs])
-
-        by_index = {r.index: r for r in requests}
-        packed_words: Dict[int, Tuple[List[PackedWord], _Stream]] = {}
-        redo: List[_Request] = []
-        for p in packs:
-            per_clip, ambiguous = self._split_pack(p)
-            for k, index in enumerate(p.requests):
-                if k in ambiguous:
-                    redo.append(by_index[index])
-                else:
-                    packed_words[index] = (per_clip[k], p.stream)
-        if redo:
-            for r in redo:
-                streams[r.index] = self._streams_for(r, len(redo))
-            self._run([s for r in redo for s in streams[r.index]])
-
-        transcripts = []
-        for r in requests:
-            if r.index in packed_words:
-                words, stream = packed_words[r.index]
-                transcripts.append(self._packed_transcript(r, words, stream))
-            else:
-                transcripts.append(self._transcript(r, streams[r.index]))
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return transcripts
-
-    def _new_stream(self, owner, mel, content_frames, clip, request, options, word_ts):
-        prompt = _option(options, "prompt")
-        prompt_tokens = []
-        if prompt:  # the BPE is the same for every language
-            tokenizer = self.tokenizer("en", _option(options, "task", "transcribe"))
-            prompt_tokens = tokenizer.encode(" " + prompt.strip())
-        temperature = _option(options, "temperature", DEFAULT_TEMPERATURES)
-        if isinstance(temperature, (int, float)):
-            temperature = (float(temperature),)
-        return _Stream(
-            owner=owner, mel=mel, content_frames=content_frames,
-            clip_start=clip[0], clip_end=clip[1], seek=clip[0], request=request,
-            task=_option(options, "task", "transcribe"), temperatures=tuple(temperature),
-            word_timestamps=word_ts, initial_prompt=list(prompt_tokens),
-            all_tokens=list(prompt_tokens),
-        )
-
-    def _streams_for(self, r: _Request, n_streams: int) -> List[_Stream]:
-        """A request's streams: the whole file, or pieces cut at pauses when the batch has
-        room for more streams than there are requests."""
-        cuts = []
-        duration = r.content_frames / FRAMES_PER_SECOND
-        if self.config.split_long and n_streams < self.config.window_budget:
-            free = self.config.window_budget - n_streams + 1
-            n_pieces = min(int(duration // self.config.min_stream_seconds), free)
-            if n_pieces > 1:
-                cuts = split_points(r.audio, n_pieces)
-        word_ts = bool(_option(r.options, "word_timestamps", False))
-        return [
-            self._new_stream(r.index, r.mel, r.content_frames, clip, r, r.options, word_ts)
-            for clip in stream_clips(r.content_frames, cuts)
-        ]
-
-    # ------------------------------------------------------------------ packing
-
-    def _plan_packs(self, requests: List[_Request]):
-        """Pack short requests that share language, task and temperatures and have no
-        prompt; returns (packs of two or more, requests decoded alone)."""
-        if not self.config.pack_short:
-            return [], list(requests)
-        groups: Dict[tuple, List[_Request]] = {}
-        alone = []
-        for r in requests:
-            o = r.options
-            duration = len(r.audio) / SAMPLE_RATE
-            if (
-                _option(o, "prompt")
-                or r.language is None  # detected from its own first window
-                or duration > self.config.pack_max_clip_seconds
-            ):
-                alone.append(r)
-                continue
-            key = (r.language, _option(o, "task", "transcribe"),
-                   tuple(_option(o, "temperature", DEFAULT_TEMPERATURES)))
-            groups.setdefault(key, []).append(r)
-        packs = []
-        for group in groups.values():
-            plan = plan_packs(
-                [len(r.audio) / SAMPLE_RATE for r in group],
-                self.config.pack_window_seconds, self.config.pack_gap_seconds,
-            )
-            for members in plan:
-                if len(members) == 1:
-                    alone.append(group[members[0]])
-                else:
-                    packs.append(_Pack([group[m].index for m in members], None))
-        return packs, alone
-
-    def _pack_stream(self, pack: _Pack, requests: List[_Request]) -> _Stream:
-        by_index = {r.index: r for r in requests}
-        members = [by_index[i] for i in pack.requests]
-        audio, pack.layout = pack_audio([r.audio for r in members], self.config.pack_gap_seconds)
-        mel = log_mel_spectrogram(
-            torch.from_numpy(audio).to(self.device), self.model.dims.n_mels, padding=N_SAMPLES
-        )
-        content_frames = mel.shape[-1] - N_FRAMES
-        first = members[0]
-        return self._new_stream(-1, mel, content_frames, (0, content_frames),
-                                first, first.options, word_ts=True)
-
-    def _split_pack(self, pack: _Pack):
-        words = [
-            PackedWord(w["word"], w["start"], w["end"], w["probability"], i)
-            for i, s in enumerate(pack.stream.segments)
-            for w in s.get("words") or []
-        ]
-        split = split_words(words, pack.layout)
-        return split.words, set(split.ambiguous)
-
-    def _packed_transcript(self, r: _Request, words: List[PackedWord], stream: _Stream):
-        tokenizer = self.tokenizer(stream.language, stream.task)
-        want_words = bool(_option(r.options, "word_timestamps", False))
-        segments = []
-        for source, group in itertools.groupby(words, key=lambda w: w.segment):
-            group = list(group)
-            s = stream.segments[source]
-            text = "".join(w.word for w in group)
-            segments.append(
-                Segment(
-                    id=len(segments), seek=0, start=group[0].start, end=group[-1].end,
-                    text=text, tokens=tokenizer.encode(text), temperature=s["temperature"],
-                    avg_logprob=s["avg_logprob"], compression_ratio=s["compression_ratio"],
-                    no_speech_prob=s["no_speech_prob"],
-                    words=[Word(w.word, w.start, w.end, w.probability) for w in group]
-                    if want_words else None,
-                )
-            )
-        return Transcript(
-            text="".join(s.text for s in segments), language=stream.language,
-            duration=len(r.audio) / SAMPLE_RATE, segments=segments, task=stream.task,
-        )
-
-    # ------------------------------------------------------------------ the loop
-
-    def _run(self, streams: List[_Stream]) -> None:
-        """Step all streams to their ends, `window_budget` windows per forward pass."""
-        budget = self.config.window_budget
-        while True:
-            active = [s for s in streams if not s.done][:budget]
-            if not active:
-                break
-            self._step(active)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def _step(self, streams: List[_Stream]) -> None:
-        sizes, mels = [], []
-        for s in streams:
-            size = min(N_FRAMES, s.content_frames - s.seek)
-            sizes.append(size)
-            mels.append(pad_or_trim(s.mel[:, s.seek : s.seek + size], N_FRAMES))
-        mel = torch.stack(mels).to(self.dtype)
-        started = self._clock()
-        step = self.config.encoder_batch
-        features = torch.cat([self.model.encoder(mel[i : i + step]) for i in range(0, len(mel), step)])
-        encoded = self._clock()
-        self.stats["encode_s"] += encoded - started
-        self.stats["encoder_passes"] += 1
-        self.stats["encoder_windows"] += len(streams)
-        self._detect_languages(streams, features)
-
-        results = self._decode_with_fallback(streams, features)
-        for s, size, window_features, result in zip(streams, sizes, features, results):
-            self._advance(s, size, window_features, result)
-        self.stats["decode_s"] += self._clock() - encoded
-
-    def _detect_languages(self, streams: List[_Stream], features: torch.Tensor) -> None:
-        """Detect the language of requests that did not give one from the encoder output
-        of their first window, in one batch; transcribe would run the encoder again."""
-        rows = [i for i, s in enumerate(streams) if s.language is None]
-        if not rows:
-            return
-        index = torch.tensor(rows, device=features.device)
-        _, probs = self.model.detect_language(
-            features.index_select(0, index), self.tokenizer(None, "transcribe")
-        )
-        for i, p in zip(rows, probs):
-            if streams[i].request.language is None:  # the first piece of a request decides
-                streams[i].request.language = max(p, key=p.get)
-
-    def _initial_tokens(self, s: _Stream) -> List[int]:
-        tokenizer = self.tokenizer(s.language, s.task)
-        tokens = list(tokenizer.sot_sequence)
-        prompt = s.all_tokens[s.prompt_reset_since :]
-        if prompt:
-            n_ctx = self.model.dims.n_text_ctx
-            tokens = [tokenizer.sot_prev] + prompt[-(n_ctx // 2 - 1) :] + tokens
-        return tokens
-
-    def _decode_with_fallback(self, streams: List[_Stream], features: torch.Tensor):
-        """Decode all rows at their first temperature, then only the failed rows again at
-        each next temperature, as a smaller batch. A row that fails at every temperature
-        keeps its best attempt (as faster-whisper does), not whisper's last, hottest one."""
-        initial = [self._initial_tokens(s) for s in streams]
-        results = [None] * len(streams)
-        attempts: Dict[int, list] = {}
-        pending = list(range(len(streams)))
-        level = 0
-        while pending:
-            groups: Dict[float, List[int]] = {}
-            for i in pending:
-                temps = streams[i].temperatures
-                groups.setdefault(temps[min(level, len(temps) - 1)], []).append(i)
-            retry = []
-            for temperature, rows in groups.items():
-                index = torch.tensor(rows, device=features.device)
-                decoded = decode_windows(
-                    self.model, features.index_select(0, index), [initial[i] for i in rows],
-                    self.tokenizer(streams[rows[0]].language, streams[rows[0]].task),
-                    self.rules, temperature=temperature,
-                    max_new_tokens=self.config.max_new_tokens,
-                    sync_every=self.config.sync_every, generator=self.generator,
-                )
-                self.stats["decoded_windows"] += len(rows)
-                if level:
-                    self.stats["fallback_windows"] += len(rows)
-                for i, result in zip(rows, decoded):
-                    results[i] = result
-                    attempts.setdefault(i, []).append(result)
-                    if needs_fallback(result, self.thresholds):
-                        if level + 1 < len(streams[i].temperatures):
-                            retry.append(i)
-                        else:
-                            results[i] = best_attempt(attempts[i], self.thresholds)
-            pending = retry
-            level += 1
-        return results
-
-    def _advance(self, s: _Stream, size: int, features: torch.Tensor, result) -> None:
-        """Apply one decoded window to its stream, as one iteration of transcribe's loop."""
-        if is_silence(result, self.thresholds):
-            s.seek += size
-            return
-        tokenizer = self.tokenizer(s.language, s.task)
-        previous_seek = s.seek
-        time_offset = s.seek * HOP_LENGTH / SAMPLE_RATE
-        parsed = parse_window(result.tokens, tokenizer.timestamp_begin, s.seek, size)
-        pieces, next_seek, reached_cut = parsed.segments, parsed.next_seek, False
-        if s.clip_end < s.content_frames:
-            # a cut stream: the segments centred after the cut belong to the next stream
-            cut = s.clip_end * HOP_LENGTH / SAMPLE_RATE
-            kept = [p for p in pieces if (p.start + p.end) / 2 < cut]
-            if len(kept) < len(pieces):
-                pieces, next_seek, reached_cut = kept, max(next_seek, s.clip_end), True
-        segments = []
-        for piece in pieces:
-            text_tokens = [t for t in piece.tokens if t < tokenizer.eot]
-            segments.append(
-                dict(
-                    seek=previous_seek, start=piece.start, end=piece.end,
-                    text=tokenizer.decode(text_tokens), tokens=piece.tokens,
-                    temperature=result.temperature, avg_logprob=result.avg_logprob,
-                    compression_ratio=result.compression_ratio,
-                    no_speech_prob=result.no_speech_prob,
-                )
-            )
-        s.seek = next_seek
-
-        if s.word_timestamps:
-            add_word_timestamps(
-                segments=segments, model=_Encoded(self.model), tokenizer=tokenizer,
-                mel=features, num_frames=size,
-                last_speech_timestamp=s.last_speech_timestamp,
-            )
-            if not parsed.single_timestamp_ending and not reached_cut:
-                last_word_end = get_end(segments)
-                if last_word_end is not None and last_word_end > time_offset:
-                    s.seek = round(last_word_end * FRAMES_PER_SECOND)
-            last_word_end = get_end(segments)
-            if last_word_end is not None:
-                s.last_speech_timestamp = last_word_end
-
-        # an instantaneous or textless segment is kept empty, as transcribe does
-        for segment in segments:
-            if segment["start"] == segment["end"] or segment["text"].strip() == "":
-                segment["text"], segment["tokens"], segment["words"] = "", [], []
-        s.segments.extend(segments)
-        s.all_tokens.extend(t for segment in segments for t in segment["tokens"])
-        if not self.config.condition_on_previous_text or result.temperature > 0.5:
-            s.prompt_reset_since = len(s.all_tokens)
-
-    def _transcript(self, r: _Request, streams: List[_Stream]) -> Transcript:
-        tokenizer = self.tokenizer(r.language, _option(r.options, "task", "transcribe"))
-        want_words = bool(_option(r.options, "word_timestamps", False))
-        segments, tokens = [], []
-        for s in sorted(streams, key=lambda s: s.clip_start):
-            tokens.extend(s.all_tokens[len(s.initial_prompt) :])
-            for d in s.segments:
-                segments.append(
-                    Segment(
-                        id=len(segments), seek=d["seek"], start=d["start"], end=d["end"],
-                        text=d["text"], tokens=list(d["tokens"]), temperature=d["temperature"],
-                        avg_logprob=d["avg_logprob"], compression_ratio=d["compression_ratio"],
-                        no_speech_prob=d["no_speech_prob"],
-                        words=[Word(w["word"], w["start"], w["end"], w["probability"])
-                               for w in d.get("words") or []] if want_words else None,
-                    )
-                )
-        return Transcript(
-            text=tokenizer.decode(tokens), language=r.language,
-            duration=len(r.audio) / SAMPLE_RATE, segments=segments,
-            task=_option(r.options, "task", "transcribe"),
-        )
+        return Transcript(text=result["text"], language=result["language"],
+                          duration=len(audio) / SAMPLE_RATE, segments=segments, task=options.task)

@@ -73,3 +73,15 @@ class InternalError(RequestError):
     status = 500
     type = "server_error"
     code = "internal_error"
+
+
+class Overloaded(RequestError):
+    """More audio is in flight than the engine admits: retry after `retry_after` seconds."""
+
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -8,9 +8,10 @@ own, with bytes or str values. Option names follow OpenAI's audio API where it h
     timestamp_granularities (also "timestamp_granularities[]", OpenAI's client form,
     repeated or comma-separated)
 
-plus this service's own: word_timestamps (true/false, same as granularity "word") and
-mode ("batched" | "sequential"). "stream" is accepted only as false (OpenAI's clients may
-send it; this service does not stream). Any other name is rejected with the list of
+plus stream (true/false: answer with server-sent events, a delta per committed segment)
+and this service's own: word_timestamps (true/false, same as granularity "word"), mode
+("batched" | "sequential") and seed (the sampling seed of fallback temperatures, so the
+same request always gets the same answer). Any other name is rejected with the list of
 accepted ones, so a typo never silently falls back to a default.
 
 temperature: one value means exactly that temperature, no fallback; a comma-separated list
@@ -19,7 +20,7 @@ timestamps are on if either word_timestamps is true or the granularities include
 """
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
@@ -45,7 +46,9 @@ OPTIONS = (
     "model",
     "mode",
     "stream",
+    "seed",
 )
+MAX_SEED = 2**32 - 1
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -60,6 +63,8 @@ class TranscriptionOptions:
     timestamp_granularities: Tuple[str, ...] = ("segment",)
     model: Optional[str] = None  # the loaded model's name when the request named one
     mode: str = "batched"
+    stream: bool = False  # server-sent events: a delta per segment, then the whole text
+    seed: int = 0  # seeds the sampling at temperatures above 0 (fixed by default)
 
 
 def _text(name: str, value) -> str:
@@ -89,23 +94,30 @@ def _bool(name: str, value: str) -> bool:
     raise InvalidOption(name, f"Invalid {name} '{value}'; allowed values: true, false.")
 
 
-def _language(value: str, multilingual: bool) -> Optional[str]:
+def _language(value: str, languages: Sequence[str]) -> Optional[str]:
     value = value.lower()
     if value in ("", "auto"):
         return None
     code = value if value in LANGUAGES else TO_LANGUAGE_CODE.get(value)
-    if code is None:
-        raise InvalidOption(
-            "language",
-            f"Invalid language '{value}'; allowed values: ISO 639-1 codes or English names "
-            f"of Whisper's languages ({', '.join(LANGUAGES)}), or 'auto' to detect.",
-        )
-    if not multilingual and code != "en":
-        raise InvalidOption(
-            "language",
-            f"Invalid language '{value}'; this model is English-only, allowed values: en.",
-        )
+    if code is None or code not in languages:
+        if tuple(languages) == ("en",):
+            allowed = "this model is English-only, allowed values: en"
+        else:
+            allowed = (f"allowed values: ISO 639-1 codes or English names of this model's "
+                       f"languages ({', '.join(languages)}), or 'auto' to detect")
+        raise InvalidOption("language", f"Invalid language '{value}'; {allowed}.")
     return code
+
+
+def _seed(value: str) -> int:
+    try:
+        seed = int(value)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidOption("seed", f"Invalid seed '{value}'; allowed values: an integer from 0 "
+                            f"to {MAX_SEED}.")
+    return seed
 
 
 def _temperature(value: str) -> Tuple[float, ...]:
@@ -146,12 +158,17 @@ def parse_options(
     *,
     model_name: str,
     multilingual: bool,
+    languages: Optional[Sequence[str]] = None,
     default_mode: str = "batched",
 ) -> TranscriptionOptions:
     """Validate one request's fields (see the module docstring) into TranscriptionOptions.
 
-    default_mode is the server's configured mode, used when the request names none.
+    languages: the loaded model's own language codes (default: all of Whisper's for a
+    multilingual model, "en" for an English-only one); default_mode is the server's
+    configured mode, used when the request names none.
     """
+    if languages is None:
+        languages = tuple(LANGUAGES) if multilingual else ("en",)
     if default_mode not in MODES:
         raise ValueError(f"default_mode must be one of {MODES}, not {default_mode!r}")
     values = {}  # option name -> list of its text values
@@ -176,7 +193,7 @@ def parse_options(
 
     kwargs = {"mode": default_mode}
     if (value := one("language")) is not None:
-        kwargs["language"] = _language(value, multilingual)
+        kwargs["language"] = _language(value, languages)
     if (value := one("task")) is not None:
         kwargs["task"] = _choice("task", value, TASKS)
         if kwargs["task"] == "translate" and not multilingual:
@@ -199,9 +216,10 @@ def parse_options(
         kwargs["mode"] = _choice("mode", value, MODES)
     if (value := one("model")) is not None and value:
         kwargs["model"] = _model(value, model_name)
-    if (value := one("stream")) is not None and _bool("stream", value):
-        raise InvalidOption("stream", "Invalid stream 'true'; this service does not stream, "
-                            "allowed values: false.")
+    if (value := one("stream")) is not None:
+        kwargs["stream"] = _bool("stream", value)
+    if (value := one("seed")) is not None:
+        kwargs["seed"] = _seed(value)
 
     granularities = []
     for value in values.get("timestamp_granularities", []):

@@ -1,40 +1,50 @@
-"""TorchServe glue for Whisper: initialize / preprocess / inference / postprocess.
+"""TorchServe glue for Whisper: an asynchronous handler in front of the engine.
 
 Everything that is not about TorchServe lives in plain modules beside this one (packed
 flat into whisper.mar): audio decoding in `audio`, request options in `options`, the
-batched engine in `engine`, response rendering in `formats`, errors in `errors`.
+continuous-batching engine in `engine`, response rendering in `formats`, errors in
+`errors`, the handler's settings in `settings`.
 
-TorchServe hands `handle` a list of requests (dynamic batching). Each request keeps its
-own slot through the three steps, so one bad upload gets its own 4xx while the others of
-the batch are transcribed: an exception raised out of the handler would fail them all.
+The model config sets `asyncCommunication: true`, so TorchServe's worker (ts/async_service.py)
+calls `handle` as a coroutine for each request as it arrives and writes each answer back as
+soon as it is ready, in any order. Each request is validated and decoded (in a thread, off
+the event loop), submitted to the engine, and awaited; with `stream=true` its segments go
+out as server-sent events (TorchServe's intermediate responses) while it is decoded. Every
+error is answered for its own request alone: an exception raised out of `handle` would
+fail the request with a generic 503.
 """
 
+import asyncio
+import json
 import logging
-from http import HTTPStatus
 import os
 import platform
+import threading
 import time
-from dataclasses import dataclass
-from typing import List, Optional
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from http import HTTPStatus
+from typing import List
 
 import torch
+from ts.async_service import AsyncService
 from ts.metrics.metric_type_enum import MetricTypes
+from ts.protocol.otf_message_handler import create_predict_response
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from audio import DecodedAudio, decode_audio
+from audio import decode_audio
 from checkpoint import describe, load_whisper
-from engine import Engine, EngineConfig
-from errors import InternalError, InvalidAudio, RequestError
-from formats import Transcript, error_body, render
-from oom import oom_injector, transcribe_splitting
-from options import AUDIO_FIELDS, TranscriptionOptions, parse_options
+from engine import Engine, EngineConfig, StepReport
+from errors import InternalError, InvalidAudio, Overloaded, RequestError
+from formats import error_body, render
+from options import AUDIO_FIELDS, parse_options
+from settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
 
 OPTION_HEADER_PREFIX = "x-whisper-"
-# handler.cpu_precision -> EngineConfig.cpu_bf16 (None: bf16 where the CPU has AMX)
-CPU_PRECISIONS = {"auto": None, "bf16": True, "fp32": False}
+EVENT_STREAM = "text/event-stream"
 
 
 def audio_bytes(request: dict) -> bytes:
@@ -78,6 +88,41 @@ if not getattr(Service.retrieve_data_for_inference, "keeps_repeated_fields", Fal
     Service.retrieve_data_for_inference = staticmethod(_keep_repeated_fields(Service.retrieve_data_for_inference))
 
 
+# The async worker writes final answers from its own thread; intermediate responses are
+# written from the event loop. One lock keeps the two from interleaving on the socket.
+_SOCKET_LOCK = threading.Lock()
+
+
+def _send_responses_locked(self):
+    while True:
+        message = asyncio.run_coroutine_threadsafe(self.out_queue.get(), self.loop).result()
+        with _SOCKET_LOCK:
+            self.service.cl_socket.sendall(message)
+
+
+AsyncService.send_responses = _send_responses_locked
+
+
+def send_chunk(context, index: int, body: bytes) -> None:
+    """One intermediate response (an HTTP chunk) of request `index`; the handler's return
+    value is the last one."""
+    message = create_predict_response({index: body}, {index: context.request_ids[index]},
+                                      "Intermediate response", 200, context, ts_stream_next=True)
+    with _SOCKET_LOCK:
+        context.cl_socket.sendall(message)
+
+
+def start_event_stream(context, index: int) -> None:
+    """Headers of a server-sent event stream; once its first chunk is out, the status is 200."""
+    context.set_response_content_type(index, EVENT_STREAM)
+    context.set_response_header(index, "Cache-Control", "no-cache")
+    context.set_response_header(index, "X-Accel-Buffering", "no")  # nginx: pass chunks on at once
+
+
+def sse(event: dict) -> bytes:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode("utf-8")
+
+
 def request_options(request: dict, headers: dict) -> dict:
     """The request's option fields plus options sent as `X-Whisper-<Option>` headers.
 
@@ -98,26 +143,12 @@ def _as_list(value) -> list:
 
 
 class WhisperHandler(BaseHandler):
-    @dataclass
-    class Slot:
-        """One request of a TorchServe batch on its way through the handler. (Nested:
-        TorchServe refuses a handler module that defines more than one class.)"""
-
-        index: int
-        request_id: str
-        audio: Optional[DecodedAudio] = None
-        options: Optional[TranscriptionOptions] = None
-        transcript: Optional[Transcript] = None
-        error: Optional[RequestError] = None
-        decode_s: float = 0.0
-
     def initialize(self, context):
         started = time.perf_counter()
         properties = context.system_properties
-        model_dir = properties.get("model_dir")
-        self.settings = dict((context.model_yaml_config or {}).get("handler") or {})
-        self.model_name = self.settings.get("model", "base")
-        checkpoint = os.path.join(model_dir, self.settings.get("checkpoint", f"whisper_{self.model_name}.pth"))
+        self.settings = settings = HandlerSettings.from_yaml((context.model_yaml_config or {}).get("handler"))
+        self.model_name = settings.model
+        checkpoint = os.path.join(properties.get("model_dir"), settings.checkpoint_file)
 
         gpu_id = properties.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
@@ -125,46 +156,34 @@ class WhisperHandler(BaseHandler):
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-            threads = int(self.settings.get("cpu_threads") or 0) or self._cpu_share(context)
-            torch.set_num_threads(threads)
+            torch.set_num_threads(settings.cpu_threads or self._cpu_share(context))
 
-        self.model = load_whisper(checkpoint, self.device)
+        model = load_whisper(checkpoint, self.device)
         self.engine = Engine(
-            self.model,
+            model,
             EngineConfig(
                 device=str(self.device),
-                window_budget=int(self.settings.get("window_budget") or 0) or None,
-                cpu_bf16=self._cpu_bf16(),
-                # None lets the engine pack on CPU (never on GPU); False turns packing off.
-                pack_short=None if self.settings.get("pack_short_clips", False) else False,
+                window_budget=settings.window_budget or None,
+                cpu_bf16=settings.cpu_bf16,
+                max_inflight_audio_s=settings.max_inflight_audio_s,
+                oom_above_windows=settings.fault_injection_oom_above_windows,
             ),
         )
         self.model = self.engine.model  # moved/cast for the device by the engine
         # Compile the lazily built kernels (word-timestamp DTW, cuDNN) before the first request.
         self.engine.warmup()
-        self.max_duration_s = float(self.settings.get("max_duration_s", 14400))
-        self.ffmpeg_timeout_s = float(self.settings.get("ffmpeg_timeout_s", 120))
-        self.default_mode = self.settings.get("default_mode", "batched")
-        self.log_transcripts = bool(self.settings.get("log_transcripts", False))
-        # Off unless a test configures it: fail engine calls above this much audio as OOM.
-        self.run_engine = oom_injector(float(self.settings.get("fault_injection_oom_above_s") or 0))(
-            self.engine.transcribe
-        )
+        self.engine.on_step = self._on_step
+        # audio decoding, ffmpeg, log-mel and rendering: per-request work off the event loop
+        self.executor = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="whisper-io")
         self.initialized = True
 
-        info = describe(self.model)
         logger.info(
             "whisper ready: model=%s checkpoint=%s device=%s python=%s torch=%s cuda=%s "
-            "gpu=%s threads=%s dims=%s load_s=%.2f",
-            self.model_name,
-            os.path.basename(checkpoint),
-            self.device,
-            platform.python_version(),
-            torch.__version__,
-            torch.version.cuda,
+            "gpu=%s threads=%s dims=%s engine=%s load_s=%.2f",
+            self.model_name, os.path.basename(checkpoint), self.device, platform.python_version(),
+            torch.__version__, torch.version.cuda,
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none",
-            torch.get_num_threads(),
-            info,
+            torch.get_num_threads(), describe(self.model), self.engine.config,
             time.perf_counter() - started,
         )
 
@@ -178,11 +197,14 @@ class WhisperHandler(BaseHandler):
         except Exception:  # metrics must never fail a request
             logger.debug("metric %s not emitted", name, exc_info=True)
 
-    def _cpu_bf16(self):
-        precision = str(self.settings.get("cpu_precision", "auto"))
-        if precision not in CPU_PRECISIONS:
-            raise ValueError(f"handler.cpu_precision must be one of {sorted(CPU_PRECISIONS)}, not {precision!r}")
-        return CPU_PRECISIONS[precision]
+    def _on_step(self, step: StepReport) -> None:
+        """Called by the engine's thread after each step."""
+        self._emit("WindowsPerStep", MetricTypes.HISTOGRAM, step.windows)
+        self._emit("StepTime", MetricTypes.HISTOGRAM, step.seconds * 1000)
+        self._emit("InflightRequests", MetricTypes.GAUGE, step.requests)
+        self._emit("InflightStreams", MetricTypes.GAUGE, step.streams)
+        for wait in step.first_window_waits:
+            self._emit("FirstWindowWait", MetricTypes.HISTOGRAM, wait * 1000)
 
     @staticmethod
     def _cpu_share(context) -> int:
@@ -190,118 +212,97 @@ class WhisperHandler(BaseHandler):
         workers = int((context.model_yaml_config or {}).get("maxWorkers") or 1)
         return max(1, (os.cpu_count() or 1) // max(1, workers))
 
-    def preprocess(self, data: List[dict]) -> List["WhisperHandler.Slot"]:
-        self.batch_started = time.perf_counter()
-        slots = []
-        for index, request in enumerate(data):
-            slot = self.Slot(index=index, request_id=self.context.get_request_id(index) or str(index))
-            started = time.perf_counter()
-            try:
-                slot.options = parse_options(
-                    request_options(request, self.context.get_all_request_header(index)),
-                    model_name=self.model_name,
-                    multilingual=self.model.is_multilingual,
-                    default_mode=self.default_mode,
-                )
-                slot.audio = decode_audio(
-                    audio_bytes(request),
-                    max_duration_s=self.max_duration_s,
-                    ffmpeg_timeout_s=self.ffmpeg_timeout_s,
-                )
-            except RequestError as err:
-                slot.error = err
-            except Exception as err:  # a bug must not take the other requests down
-                logger.exception("request %s: preprocessing failed", slot.request_id)
-                slot.error = InternalError(f"preprocessing failed: {type(err).__name__}")
-            slot.decode_s = time.perf_counter() - started
-            if slot.audio is not None:
-                logger.info(
-                    "request %s: audio %.2fs at %s Hz, %s ch, %s via %s, decode %.3fs",
-                    slot.request_id,
-                    slot.audio.duration_s,
-                    slot.audio.source_rate,
-                    slot.audio.channels,
-                    slot.audio.source_format,
-                    slot.audio.decoder,
-                    slot.decode_s,
-                )
-            else:
-                logger.info("request %s: rejected %r", slot.request_id, slot.error)
-            slots.append(slot)
-        return slots
+    async def handle(self, data: List[dict], context) -> List[bytes]:
+        """Answer every request of the call on its own (async mode hands over one at a time)."""
+        return list(await asyncio.gather(*(self._answer(i, request, context) for i, request in enumerate(data))))
 
-    def inference(self, slots: List["WhisperHandler.Slot"]) -> List["WhisperHandler.Slot"]:
-        ready = [slot for slot in slots if slot.error is None]
-        if not ready:
-            return slots
+    async def _answer(self, index: int, request: dict, context) -> bytes:
+        loop = asyncio.get_running_loop()
+        request_id = context.get_request_id(index) or str(index)
         started = time.perf_counter()
-        # Time each request spent in this handler call before transcription began.
-        for _ in ready:
-            self._emit("QueueToStartLatency", MetricTypes.HISTOGRAM, (started - self.batch_started) * 1000)
-        stats_before = dict(self.engine.stats)
+        streaming = False
         try:
-            # On out-of-memory the batch is halved and retried; a request that does not
-            # fit alone gets its own 507 and the others keep their transcripts.
-            transcripts = transcribe_splitting(
-                [(slot.audio.samples, slot.options) for slot in ready],
-                self.run_engine,
-                after_oom=torch.cuda.empty_cache if self.device.type == "cuda" else None,
+            options = parse_options(
+                request_options(request, context.get_all_request_header(index)),
+                model_name=self.model_name, multilingual=self.model.is_multilingual,
+                languages=self.engine.languages, default_mode=self.settings.default_mode,
             )
-        except RequestError as err:
-            for slot in ready:
-                slot.error = err
-            return slots
-        except Exception as err:
-            logger.exception("batch of %d failed", len(ready))
-            for slot in ready:
-                slot.error = InternalError(f"transcription failed: {type(err).__name__}: {err}")
-            return slots
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        elapsed = time.perf_counter() - started
-        audio_s = sum(slot.audio.duration_s for slot in ready)
-        delta = {k: round(v - stats_before.get(k, 0), 3) for k, v in self.engine.stats.items()}
-        logger.info(
-            "batch: %d requests, %.1fs audio in %.2fs (%.1fx real time), ids=%s, engine=%s",
-            len(ready),
-            audio_s,
-            elapsed,
-            audio_s / elapsed if elapsed > 0 else 0.0,
-            ",".join(slot.request_id for slot in ready),
-            delta,
-        )
-        for slot in ready:
-            self._emit("AudioSecondsProcessed", MetricTypes.COUNTER, slot.audio.duration_s)
-        if audio_s > 0:
-            self._emit("RealTimeFactor", MetricTypes.GAUGE, elapsed / audio_s)
-        if delta.get("encoder_passes"):
-            windows_per_pass = delta.get("encoder_windows", 0) / delta["encoder_passes"]
-            self._emit("WindowsPerBatch", MetricTypes.HISTOGRAM, windows_per_pass)
-        self._emit("FallbackCount", MetricTypes.COUNTER, delta.get("fallback_windows", 0))
-        for slot, transcript in zip(ready, transcripts):
-            if isinstance(transcript, RequestError):
-                slot.error = transcript
+            audio = await loop.run_in_executor(self.executor, partial(
+                decode_audio, audio_bytes(request), max_duration_s=self.settings.max_duration_s,
+                ffmpeg_timeout_s=self.settings.ffmpeg_timeout_s))
+            logger.info("request %s: audio %.2fs at %s Hz, %s ch, %s via %s, decode %.3fs",
+                        request_id, audio.duration_s, audio.source_rate, audio.channels,
+                        audio.source_format, audio.decoder, time.perf_counter() - started)
+            if options.stream:
+                streaming = True
+                transcript = await self._stream(index, request_id, audio, options, context)
+                body = sse(done_event(transcript))
             else:
-                slot.transcript = transcript
-        return slots
+                future = await loop.run_in_executor(self.executor, partial(
+                    self.engine.submit, audio.samples, options, request_id=request_id))
+                transcript = await asyncio.wrap_future(future)
+                body, content_type = await loop.run_in_executor(self.executor, render, transcript, options)
+                context.set_response_content_type(index, content_type)
+        except RequestError as err:
+            return self._error(index, request_id, context, err, streaming)
+        except Exception as err:  # a bug must not take anything else down
+            logger.exception("request %s: failed", request_id)
+            return self._error(index, request_id, context,
+                               InternalError(f"transcription failed: {type(err).__name__}: {err}"), streaming)
+        elapsed = time.perf_counter() - started
+        logger.info("request %s: %.1fs audio in %.2fs (%.1fx real time)", request_id,
+                    transcript.duration, elapsed, transcript.duration / elapsed if elapsed > 0 else 0.0)
+        if self.settings.log_transcripts:
+            logger.info("request %s: text=%r", request_id, transcript.text)
+        self._emit("AudioSecondsProcessed", MetricTypes.COUNTER, transcript.duration)
+        if transcript.duration > 0:
+            self._emit("RealTimeFactor", MetricTypes.GAUGE, elapsed / transcript.duration)
+        self._emit("FallbackCount", MetricTypes.COUNTER,
+                   sum(1 for s in transcript.segments if s.temperature > 0))
+        return body
 
-    def postprocess(self, slots: List["WhisperHandler.Slot"]) -> List[bytes]:
-        responses = []
-        for slot in slots:
-            if slot.error is None:
-                try:
-                    body, content_type = render(slot.transcript, slot.options)
-                except Exception as err:
-                    logger.exception("request %s: rendering failed", slot.request_id)
-                    slot.error = InternalError(f"rendering failed: {type(err).__name__}")
-            if slot.error is not None:
-                body, content_type = error_body(slot.error), "application/json"
-                self.context.set_response_status(slot.error.status, HTTPStatus(slot.error.status).phrase, slot.index)
-                self._emit("RequestErrors", MetricTypes.COUNTER, 1, ErrorType=slot.error.code)
-                logger.info("request %s: %d %s", slot.request_id, slot.error.status, slot.error.code)
-            elif self.log_transcripts:
-                logger.info("request %s: text=%r", slot.request_id, slot.transcript.text)
-            self.context.set_response_content_type(slot.index, content_type)
-            responses.append(body)
-        return responses
+    async def _stream(self, index, request_id, audio, options, context):
+        """Send a `transcript.text.delta` event per committed segment as the engine commits
+        it; return the transcript for the final `transcript.text.done` event."""
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        on_segments = partial(loop.call_soon_threadsafe, deltas.put_nowait)
+        future = await loop.run_in_executor(self.executor, partial(
+            self.engine.submit, audio.samples, options, on_segments=on_segments, request_id=request_id))
+        finished = asyncio.wrap_future(future)
+        while not finished.done() or not deltas.empty():
+            waiter = asyncio.ensure_future(deltas.get())
+            await asyncio.wait({waiter, finished}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                waiter.cancel()
+                continue
+            events = b"".join(sse(delta_event(s)) for s in waiter.result())
+            if events:
+                start_event_stream(context, index)
+                send_chunk(context, index, events)
+        transcript = finished.result()  # raises the request's error
+        start_event_stream(context, index)
+        return transcript
+
+    def _error(self, index, request_id, context, err: RequestError, streaming: bool) -> bytes:
+        self._emit("RequestErrors", MetricTypes.COUNTER, 1, ErrorType=err.code)
+        logger.info("request %s: %d %s: %s", request_id, err.status, err.code, err.message)
+        if streaming and context.get_response_content_type(index) == EVENT_STREAM:
+            # the status line went out with the first event: end the stream with an error event
+            return sse({"type": "error", "error": err.to_dict()})
+        context.set_response_status(err.status, HTTPStatus(err.status).phrase, index)
+        context.set_response_content_type(index, "application/json")
+        if isinstance(err, Overloaded):
+            context.set_response_header(index, "Retry-After", str(err.retry_after))
+        return error_body(err)
+
+
+def delta_event(segment) -> dict:
+    """OpenAI's transcript.text.delta, with the segment's id, start and end added."""
+    return {"type": "transcript.text.delta", "delta": segment.text, "id": segment.id,
+            "start": round(segment.start, 3), "end": round(segment.end, 3)}
+
+
+def done_event(transcript) -> dict:
+    return {"type": "transcript.text.done", "text": transcript.text,
+            "usage": {"type": "duration", "seconds": round(transcript.duration, 3)}}

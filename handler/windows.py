@@ -1,10 +1,9 @@
 """Pure logic of the engine: parsing one decoded window into segments and the next seek,
-fallback and silence checks, splitting long audio at silences, and packing short clips
-into one window and splitting the result back. No model here; everything is testable
-with plain lists and arrays.
+fallback and silence checks, and splitting long audio at silences. No model here;
+everything is testable with plain lists and arrays.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -162,106 +161,3 @@ def split_points(
         if not cuts or frame > cuts[-1] + FRAMES_PER_SECOND:
             cuts.append(frame)
     return cuts
-
-
-def stream_clips(content_frames: int, cuts: Sequence[int]) -> List[Tuple[int, int]]:
-    """(start, end) mel-frame ranges of the streams one request is split into."""
-    bounds = [0] + [c for c in cuts if 0 < c < content_frames] + [content_frames]
-    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-
-# ---------------------------------------------------------------- packing short clips
-
-
-def plan_packs(
-    durations: Sequence[float], max_seconds: float = 28.0, gap: float = 2.0
-) -> List[List[int]]:
-    """Group clip indices into packs whose clips plus silent gaps fit in `max_seconds`
-    (first fit, order kept inside a pack); a clip too long to share a window is alone."""
-    packs: List[List[int]] = []
-    totals: List[float] = []
-    for i, d in enumerate(durations):
-        if d + gap > max_seconds:
-            packs.append([i])
-            totals.append(max_seconds)
-            continue
-        for p, total in enumerate(totals):
-            if total + gap + d <= max_seconds:
-                packs[p].append(i)
-                totals[p] = total + gap + d
-                break
-        else:
-            packs.append([i])
-            totals.append(d)
-    return packs
-
-
-@dataclass
-class PackLayout:
-    """Where each clip sits in the packed audio, in seconds."""
-
-    starts: List[float]
-    ends: List[float]
-
-    def boundaries(self) -> List[float]:
-        """Midpoints of the gaps: everything before boundary k belongs to clips <= k."""
-        return [(e + s) / 2 for e, s in zip(self.ends[:-1], self.starts[1:])]
-
-
-def pack_audio(clips: Sequence[np.ndarray], gap: float) -> Tuple[np.ndarray, PackLayout]:
-    """Concatenate clips with `gap` seconds of digital silence between them."""
-    silence = np.zeros(int(round(gap * SAMPLE_RATE)), dtype=np.float32)
-    parts, starts, ends, t = [], [], [], 0
-    for i, clip in enumerate(clips):
-        if i:
-            parts.append(silence)
-            t += len(silence)
-        starts.append(t / SAMPLE_RATE)
-        parts.append(clip.astype(np.float32))
-        t += len(clip)
-        ends.append(t / SAMPLE_RATE)
-    return np.concatenate(parts), PackLayout(starts, ends)
-
-
-@dataclass
-class PackedWord:
-    word: str
-    start: float
-    end: float
-    probability: float
-    segment: int  # index of the packed window's segment the word came from
-
-
-@dataclass
-class SplitResult:
-    words: List[List[PackedWord]]  # per clip, times relative to the clip's start
-    ambiguous: List[int] = field(default_factory=list)  # clips to decode again alone
-
-
-def split_words(
-    words: Sequence[PackedWord], layout: PackLayout, margin: float = 0.2
-) -> SplitResult:
-    """Give each word of a packed window to the clip its midpoint falls in (split at the
-    middle of each gap), with times made relative to that clip.
-
-    A clip is ambiguous, and should be decoded again on its own, when a word straddles a
-    gap midpoint by more than `margin` seconds on both sides (it may belong to either
-    neighbour), or when a clip that is not the only one received no words at all."""
-    bounds = layout.boundaries()
-    n = len(layout.starts)
-    per_clip: List[List[PackedWord]] = [[] for _ in range(n)]
-    ambiguous = set()
-    for w in words:
-        mid = (w.start + w.end) / 2
-        k = int(np.searchsorted(bounds, mid, side="right")) if bounds else 0
-        for j, b in enumerate(bounds):
-            if w.start < b - margin and w.end > b + margin:
-                ambiguous.update((j, j + 1))
-        offset = layout.starts[k]
-        length = layout.ends[k] - layout.starts[k]
-        start = min(max(w.start - offset, 0.0), length)
-        end = min(max(w.end - offset, start), length)
-        per_clip[k].append(PackedWord(w.word, round(start, 2), round(end, 2), w.probability, w.segment))
-    if n > 1:
-        ambiguous.update(k for k in range(n) if not per_clip[k])
-    return SplitResult(per_clip, sorted(ambiguous))

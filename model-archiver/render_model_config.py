@@ -2,7 +2,8 @@
 
 The file in config/ is the single source of the model configuration; this fills in what
 depends on the build: which model the archive carries, the device type, and the
-worker/batch overrides a deployment sets through the environment.
+overrides a deployment sets through the environment (the handler's are listed, with their
+settings, in handler/settings.py).
 """
 
 import argparse
@@ -13,19 +14,12 @@ import sys
 
 import yaml
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "handler"))
+from settings import HANDLER_ENV, HandlerSettings  # noqa: E402  (plain module, no torch)
+
 ENV_OVERRIDES = {  # environment variable -> (frontend key, type)
     "WHISPER_WORKERS": ("workers", int),
-    "WHISPER_BATCH_SIZE": ("batchSize", int),
-    "WHISPER_MAX_BATCH_DELAY_MS": ("maxBatchDelay", int),
     "WHISPER_RESPONSE_TIMEOUT_S": ("responseTimeout", int),
-}
-HANDLER_ENV_OVERRIDES = {  # environment variable -> (handler key, type)
-    "WHISPER_MAX_DURATION_S": ("max_duration_s", float),
-    "WHISPER_DEFAULT_MODE": ("default_mode", str),
-    "WHISPER_WINDOW_BUDGET": ("window_budget", int),
-    "WHISPER_CPU_PRECISION": ("cpu_precision", str),
-    # Testing only: fail a batch with an injected out-of-memory error above this much audio.
-    "WHISPER_FAULT_OOM_ABOVE_S": ("fault_injection_oom_above_s", float),
 }
 
 
@@ -62,12 +56,14 @@ def render(template: dict, model: str, device: str, env: dict) -> dict:
                 config["minWorkers"] = config["maxWorkers"] = value
             else:
                 config[key] = value
-    for name, (key, cast) in HANDLER_ENV_OVERRIDES.items():
+    for name, key in HANDLER_ENV.items():
         if env.get(name):
-            try:
-                config["handler"][key] = cast(env[name])
-            except ValueError:
-                raise SystemExit(f"{name} must be a {cast.__name__}, not {env[name]!r}")
+            config["handler"][key] = env[name]
+    try:  # typed and checked by the handler's own settings object
+        config["handler"] = {k: v for k, v in vars(HandlerSettings.from_yaml(config["handler"])).items()
+                             if k in config["handler"]}
+    except ValueError as err:
+        raise SystemExit(f"model-config: {err} (environment: {', '.join(HANDLER_ENV)})")
     return config
 
 
@@ -85,8 +81,7 @@ def main() -> None:
         yaml.safe_dump(config, f, sort_keys=False)
     print(
         f"model-config: model={args.model} deviceType={config['deviceType']} "
-        f"workers={config['minWorkers']} batchSize={config['batchSize']} "
-        f"maxBatchDelay={config['maxBatchDelay']}",
+        f"workers={config['minWorkers']} window_budget={config['handler'].get('window_budget')}",
         file=sys.stderr,
     )
 

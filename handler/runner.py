@@ -1,0 +1,166 @@
+"""The model runner: the only part of the engine that touches torch and the device.
+
+The scheduler (engine.py) asks it to compute a request's log-mel, encode these windows,
+detect their language, decode these windows at these temperatures, and time their words;
+it knows nothing of streams, requests or fairness. Every call is pure: it reads its
+arguments and returns new values, so the scheduler can split a failing call and retry.
+"""
+
+import copy
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+from whisper.timing import add_word_timestamps, dtw
+from whisper.tokenizer import LANGUAGES, get_tokenizer
+
+from decoding import DecodedWindow, TokenRules, decode_windows
+from oom import InjectedOutOfMemory
+
+
+def cpu_has_amx_bf16() -> bool:
+    """True when the cpu has AMX bf16 tiles (Linux: from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def gpu_window_budget(device: torch.device, dims, fraction: float = 0.5) -> int:
+    """Windows per pass that fit in `fraction` of the GPU memory still free: per window
+    the fp16 cross-attention keys/values of every decoder layer, the self-attention
+    cache, and the encoder's widest activations (the MLP, 4x the width)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    cross = 2 * dims.n_text_layer * dims.n_audio_ctx * dims.n_text_state * 2
+    self_cache = 2 * dims.n_text_layer * dims.n_text_ctx * dims.n_text_state * 2
+    encoder = 3 * dims.n_audio_ctx * 4 * dims.n_audio_state * 2
+    logits = 4 * dims.n_vocab * 4
+    per_window = cross + self_cache + encoder + logits
+    return int(max(1, min(256, fraction * free // per_window)))
+
+
+def prepare_model(model, device: str, dtype: torch.dtype):
+    """The model on `device` in `dtype` with fp32 LayerNorms (so no weight is cast per
+    call); a reduced-precision cpu model is a copy, so the loaded one stays fp32."""
+    model = model.to(device).eval()
+    if dtype != torch.float32:
+        if not str(device).startswith("cuda"):
+            model = copy.deepcopy(model)
+        model.to(dtype)
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.float()
+    return model
+
+
+class _Encoded:
+    """The model as whisper.timing sees it, fed the window's encoder output instead of
+    its mel, so word timestamps do not run the encoder a second time."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, audio_features, tokens):
+        return self.model.decoder(tokens, audio_features)
+
+
+class ModelRunner:
+    """Encode and decode windows of one Whisper model on one device."""
+
+    def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 encoder_batch: int = 2, max_new_tokens: int = 224, sync_every: int = 1,
+                 oom_above_windows: int = 0):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = prepare_model(model, device, dtype)
+        self.dims = self.model.dims
+        self.encoder_batch = encoder_batch
+        self.max_new_tokens = max_new_tokens
+        self.sync_every = sync_every
+        # tests only: a call with more windows than this raises an injected OOM (0: off)
+        self.oom_above_windows = oom_above_windows
+        self.languages = tuple(LANGUAGES)[: self.model.num_languages] if self.model.is_multilingual else ("en",)
+        self._tokenizers = {}
+        self.rules = TokenRules(self.tokenizer("en", "transcribe"), self.dims.n_vocab,
+                                self.dims.n_audio_ctx, self.device)
+
+    def tokenizer(self, language: Optional[str], task: str):
+        model = self.model
+        key = (language, task) if model.is_multilingual else ("en", "transcribe")
+        if key not in self._tokenizers:
+            self._tokenizers[key] = get_tokenizer(
+                model.is_multilingual, num_languages=model.num_languages, language=key[0], task=key[1]
+            )
+        return self._tokenizers[key]
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _check_size(self, n: int) -> None:
+        if self.oom_above_windows and n > self.oom_above_windows:
+            raise InjectedOutOfMemory(f"injected out of memory: {n} windows in one call, "
+                                      f"limit {self.oom_above_windows}")
+
+    @torch.no_grad()
+    def mel(self, audio: np.ndarray) -> torch.Tensor:
+        """(n_mels, frames + N_FRAMES): like transcribe, the log-mel of the whole audio plus
+        30 s of zeros, sliced at each window's seek."""
+        return log_mel_spectrogram(torch.from_numpy(audio).to(self.device), self.dims.n_mels,
+                                   padding=N_SAMPLES)
+
+    @torch.no_grad()
+    def encode(self, mels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Windows (each (n_mels, <= N_FRAMES), padded here) -> (n, n_audio_ctx, n_audio_state),
+        `encoder_batch` windows per encoder call (on CPU larger calls are slower per window:
+        the attention maps leave the cache)."""
+        self._check_size(len(mels))
+        mel = torch.stack([pad_or_trim(m, N_FRAMES) for m in mels]).to(self.dtype)
+        step = self.encoder_batch
+        return torch.cat([self.model.encoder(mel[i: i + step]) for i in range(0, len(mel), step)])
+
+    @torch.no_grad()
+    def detect_language(self, features: torch.Tensor) -> List[str]:
+        """The most probable of the model's languages for each window's encoder output."""
+        _, probs = self.model.detect_language(features, self.tokenizer(None, "transcribe"))
+        return [max(p, key=p.get) for p in probs]
+
+    @torch.no_grad()
+    def decode(self, features: torch.Tensor, initial_tokens: Sequence[Sequence[int]],
+               temperatures: Sequence[float], seeds: Sequence[int]) -> List[DecodedWindow]:
+        """Decode each window after its own initial tokens at its own temperature; a
+        sampled window draws from a generator seeded with its own seed."""
+        self._check_size(len(initial_tokens))
+        generators = [torch.Generator().manual_seed(seed) if t > 0 else None
+                      for t, seed in zip(temperatures, seeds)]
+        return decode_windows(
+            self.model, features, initial_tokens, self.tokenizer("en", "transcribe"), self.rules,
+            temperatures=list(temperatures), max_new_tokens=self.max_new_tokens,
+            sync_every=self.sync_every, generators=generators,
+        )
+
+    @torch.no_grad()
+    def add_word_timestamps(self, segments: List[dict], features: torch.Tensor, num_frames: int,
+                            tokenizer, last_speech_timestamp: float) -> None:
+        """Word timing of one window's segments, in place (whisper.timing on the window's
+        encoder output)."""
+        add_word_timestamps(
+            segments=segments, model=_Encoded(self.model), tokenizer=tokenizer,
+            mel=features, num_frames=num_frames, last_speech_timestamp=last_speech_timestamp,
+        )
+
+    def warm_kernels(self) -> None:
+        """numba (cpu) or triton (cuda) compile the DTW of word timestamps on first use."""
+        dtw(torch.randn(20, 40, device=self.device))
+
+    def clock(self) -> float:
+        """Wall time after the device has finished its queued work."""
+        self.sync()
+        return time.perf_counter()

@@ -1,0 +1,80 @@
+"""The handler's settings: one home for the `handler:` keys of config/model-config.yaml,
+their defaults, and the environment variables that override them at build time
+(model-archiver/render_model_config.py).
+
+    settings = HandlerSettings.from_yaml(context.model_yaml_config.get("handler"))
+"""
+
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional
+
+CPU_PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU has AMX bf16 units
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    model: str = "base"
+    checkpoint: str = ""  # file in the archive; "" = whisper_<model>.pth
+    max_duration_s: float = 14400.0  # longer uploads get 413
+    ffmpeg_timeout_s: float = 120.0
+    default_mode: str = "batched"  # or "sequential" (whisper's transcribe)
+    window_budget: int = 0  # windows per engine step; 0 = from the device
+    max_inflight_audio_s: float = 28800.0  # audio admitted at once; beyond it 503 + Retry-After
+    cpu_threads: int = 0  # 0 = the worker's share of the cores
+    cpu_precision: str = "auto"
+    log_transcripts: bool = False  # transcripts are user data
+    fault_injection_oom_above_windows: int = 0  # tests only: 0 = off
+
+    @classmethod
+    def from_yaml(cls, values: Optional[Mapping]) -> "HandlerSettings":
+        """Settings from the `handler:` block; unknown keys and bad values raise ValueError."""
+        values = dict(values or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown handler settings {unknown}; known: {sorted(known)}")
+        kwargs = {}
+        for name, value in values.items():
+            cast = type(known[name].default)
+            try:
+                kwargs[name] = _bool(value) if cast is bool else cast(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"handler.{name} must be a {cast.__name__}, not {value!r}") from None
+        settings = cls(**kwargs)
+        if settings.cpu_precision not in CPU_PRECISIONS:
+            raise ValueError(f"handler.cpu_precision must be one of {CPU_PRECISIONS}, "
+                             f"not {settings.cpu_precision!r}")
+        if settings.default_mode not in ("batched", "sequential"):
+            raise ValueError(f"handler.default_mode must be batched or sequential, not {settings.default_mode!r}")
+        return settings
+
+    @property
+    def checkpoint_file(self) -> str:
+        return self.checkpoint or f"whisper_{self.model}.pth"
+
+    @property
+    def cpu_bf16(self) -> Optional[bool]:
+        """EngineConfig.cpu_bf16: None lets the engine choose (AMX present)."""
+        return {"auto": None, "bf16": True, "fp32": False}[self.cpu_precision]
+
+
+def _bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(value)
+
+
+# Environment variable -> handler setting, applied by render_model_config.py at build time.
+HANDLER_ENV = {
+    "WHISPER_MAX_DURATION_S": "max_duration_s",
+    "WHISPER_DEFAULT_MODE": "default_mode",
+    "WHISPER_WINDOW_BUDGET": "window_budget",
+    "WHISPER_MAX_INFLIGHT_AUDIO_S": "max_inflight_audio_s",
+    "WHISPER_CPU_PRECISION": "cpu_precision",
+    "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "fault_injection_oom_above_windows",
+}

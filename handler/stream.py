@@ -1,0 +1,232 @@
+"""Requests and streams as plain state machines, driven by decoded windows.
+
+A `Request` is one upload on its way through the engine; its audio is decoded as one or
+more `Stream`s (a long request may be cut at pauses into pieces decoded side by side). A
+stream owns everything `whisper.transcribe`'s loop keeps between windows: the seek, the
+prompt (previous text), the segments so far, the fallback level of the window being
+decoded and the last speech timestamp of word timing. It never touches a model:
+
+    window = stream.window_size, stream.prompt(...), stream.temperature   # what to decode
+    chosen = stream.record(result, thresholds)   # None: decode again, one level hotter
+    proposal = stream.propose(chosen, thresholds, tokenizer)
+    ... the caller adds word timestamps to proposal.segments when asked for ...
+    stream.commit(proposal)                      # seek and prompt move on
+
+so every rule of seeking, fallback, silence and prompt reset is tested with synthetic
+decoded windows (tests/unit/test_stream.py).
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+from whisper.audio import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
+from whisper.utils import get_end
+
+from formats import Segment, Transcript, Word
+from windows import FRAMES_PER_SECOND, Thresholds, best_attempt, is_silence, needs_fallback, parse_window
+
+
+@dataclass
+class Proposal:
+    """What one decoded window would do to its stream, before word timing and commit."""
+
+    segments: List[dict]  # whisper.transcribe's segment dicts (seek, start, end, text, tokens, ...)
+    next_seek: int  # mel frame where the next window starts
+    single_timestamp_ending: bool = False
+    reached_cut: bool = False  # the window ran past the end of a cut stream's clip
+    silent: bool = False
+    temperature: float = 0.0
+    time_offset: float = 0.0  # seconds at the window's start
+
+
+@dataclass(eq=False)
+class Stream:
+    """One run of consecutive windows from `clip_start`, keeping the segments that start
+    before `clip_end` (where the next stream of the same request begins). Windows are not
+    truncated at clip_end, so speech just before the cut is decoded in full context."""
+
+    request: "Request"
+    piece: int  # position among the request's streams
+    clip_start: int  # mel frames
+    clip_end: int
+    content_frames: int  # of the whole request
+    temperatures: Tuple[float, ...]
+    word_timestamps: bool = False
+    initial_prompt: List[int] = field(default_factory=list)
+    condition_on_previous_text: bool = True
+    seek: int = -1  # -1: clip_start
+    all_tokens: List[int] = field(default_factory=list)
+    prompt_reset_since: int = 0
+    segments: List[dict] = field(default_factory=list)
+    last_speech_timestamp: float = 0.0
+    level: int = 0  # fallback level of the window being decoded
+    attempts: List[Any] = field(default_factory=list)
+    windows: int = 0  # windows committed
+
+    def __post_init__(self):
+        if self.seek < 0:
+            self.seek = self.clip_start
+        if not self.all_tokens:
+            self.all_tokens = list(self.initial_prompt)
+
+    @property
+    def done(self) -> bool:
+        return self.seek >= min(self.clip_end, self.content_frames)
+
+    @property
+    def window_size(self) -> int:
+        """Mel frames of audio in the current window (at most N_FRAMES)."""
+        return max(0, min(N_FRAMES, self.content_frames - self.seek))
+
+    @property
+    def temperature(self) -> float:
+        return self.temperatures[min(self.level, len(self.temperatures) - 1)]
+
+    def prompt(self, n_text_ctx: int) -> List[int]:
+        """Previous-text tokens for the next window (empty after a reset), as transcribe
+        passes them: at most half the text context."""
+        tokens = self.all_tokens[self.prompt_reset_since:]
+        return tokens[-(n_text_ctx // 2 - 1):] if tokens else []
+
+    def record(self, result, thresholds: Thresholds):
+        """Record one decoded attempt of the current window. Returns the result to apply,
+        or None when the window must be decoded again at the next temperature (the level
+        is raised). When every temperature failed, the most probable attempt is kept (as
+        faster-whisper does), not whisper's last, hottest one."""
+        self.attempts.append(result)
+        if needs_fallback(result, thresholds):
+            if self.level + 1 < len(self.temperatures):
+                self.level += 1
+                return None
+            result = best_attempt(self.attempts, thresholds)
+        self.level, self.attempts = 0, []
+        return result
+
+    def propose(self, result, thresholds: Thresholds, tokenizer) -> Proposal:
+        """Cut the chosen result of the current window into segments, as one iteration of
+        transcribe's loop, without changing the stream."""
+        size = self.window_size
+        time_offset = self.seek * HOP_LENGTH / SAMPLE_RATE
+        if is_silence(result, thresholds):
+            return Proposal([], self.seek + size, silent=True, temperature=result.temperature,
+                            time_offset=time_offset)
+        parsed = parse_window(result.tokens, tokenizer.timestamp_begin, self.seek, size)
+        pieces, next_seek, reached_cut = parsed.segments, parsed.next_seek, False
+        if self.clip_end < self.content_frames:
+            # a cut stream: the segments centred after the cut belong to the next stream
+            cut = self.clip_end * HOP_LENGTH / SAMPLE_RATE
+            kept = [p for p in pieces if (p.start + p.end) / 2 < cut]
+            if len(kept) < len(pieces):
+                pieces, next_seek, reached_cut = kept, max(next_seek, self.clip_end), True
+        segments = [
+            dict(
+                seek=self.seek, start=p.start, end=p.end,
+                text=tokenizer.decode([t for t in p.tokens if t < tokenizer.eot]), tokens=p.tokens,
+                temperature=result.temperature, avg_logprob=result.avg_logprob,
+                compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
+            )
+            for p in pieces
+        ]
+        return Proposal(segments, next_seek, parsed.single_timestamp_ending, reached_cut,
+                        temperature=result.temperature, time_offset=time_offset)
+
+    def commit(self, proposal: Proposal) -> List[dict]:
+        """Apply a proposal (with word timestamps added to its segments when the stream asked
+        for them): move the seek, keep the segments, update the prompt. Returns the new
+        segments."""
+        self.windows += 1
+        self.seek = proposal.next_seek
+        if proposal.silent:
+            return []
+        segments = proposal.segments
+        if self.word_timestamps:
+            last_word_end = get_end(segments)
+            if (not proposal.single_timestamp_ending and not proposal.reached_cut
+                    and last_word_end is not None and last_word_end > proposal.time_offset):
+                # transcribe seeks to the last word's end when words are timed
+                self.seek = round(last_word_end * FRAMES_PER_SECOND)
+            if last_word_end is not None:
+                self.last_speech_timestamp = last_word_end
+        # an instantaneous or textless segment is kept empty, as transcribe does
+        for segment in segments:
+            if segment["start"] == segment["end"] or segment["text"].strip() == "":
+                segment["text"], segment["tokens"], segment["words"] = "", [], []
+        self.segments.extend(segments)
+        self.all_tokens.extend(t for segment in segments for t in segment["tokens"])
+        if not self.condition_on_previous_text or proposal.temperature > 0.5:
+            self.prompt_reset_since = len(self.all_tokens)
+        return segments
+
+
+@dataclass(eq=False)
+class Request:
+    """One upload in the engine: its options, its streams, and its answer.
+
+    `on_segments` (optional) is called with each batch of newly committed segments, in
+    order of time and with their final ids, as soon as every earlier segment is known."""
+
+    id: str
+    audio: Any  # float32 samples at 16 kHz
+    options: Any  # TranscriptionOptions
+    arrived: float = field(default_factory=time.monotonic)
+    language: Optional[str] = None  # None until detected
+    mel: Any = None  # log-mel of the whole audio plus 30 s of padding (the runner's tensor)
+    content_frames: int = 0
+    streams: List[Stream] = field(default_factory=list)
+    on_segments: Optional[Callable[[List[Segment]], None]] = None
+    first_window_at: Optional[float] = None
+    error: Optional[BaseException] = None
+    _emitted: List[int] = field(default_factory=list)  # per stream: segments already emitted
+
+    @property
+    def duration(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or all(s.done for s in self.streams)
+
+    def ready_segments(self) -> List[dict]:
+        """Segments committed since the last call whose earlier segments are all known:
+        a later piece's segments wait until the pieces before it are done."""
+        if len(self._emitted) != len(self.streams):
+            self._emitted = [0] * len(self.streams)
+        ready = []
+        for k, s in enumerate(self.streams):
+            ready.extend(s.segments[self._emitted[k]:])
+            self._emitted[k] = len(s.segments)
+            if not s.done:
+                break
+        return ready
+
+    def segment_count(self) -> int:
+        return sum(self._emitted)
+
+    def transcript(self, tokenizer, want_words: bool) -> Transcript:
+        """The whole answer, pieces in order, segment ids from 0."""
+        segments, tokens = [], []
+        for s in self.streams:
+            tokens.extend(s.all_tokens[len(s.initial_prompt):])
+            for d in s.segments:
+                segments.append(to_segment(d, len(segments), want_words))
+        return Transcript(
+            text=tokenizer.decode(tokens), language=self.language, duration=self.duration,
+            segments=segments, task=self.options.task,
+        )
+
+
+def to_segment(d: dict, id: int, want_words: bool) -> Segment:
+    return Segment(
+        id=id, seek=d["seek"], start=d["start"], end=d["end"], text=d["text"],
+        tokens=list(d["tokens"]), temperature=d["temperature"], avg_logprob=d["avg_logprob"],
+        compression_ratio=d["compression_ratio"], no_speech_prob=d["no_speech_prob"],
+        words=[Word(w["word"], w["start"], w["end"], w["probability"]) for w in d.get("words") or []]
+        if want_words else None,
+    )
+
+
+def stream_clips(content_frames: int, cuts: Sequence[int]) -> List[Tuple[int, int]]:
+    """(start, end) mel-frame ranges of the streams one request is split into."""
+    bounds = [0] + [c for c in cuts if 0 < c < content_frames] + [content_frames]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
