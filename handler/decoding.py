@@ -1,16 +1,20 @@
-"""Batched greedy decoding of 30 s windows with timestamps.
+"""Continuous batched decoding of 30 s windows with timestamps.
 
 openai-whisper's `decode()` applies its timestamp rules with a Python loop over the
 batch and a `.tolist()` per row and step, and a batch runs until its slowest row ends.
-This decoder applies the same rules (SuppressBlank, SuppressTokens, ApplyTimestampRules,
-GreedyDecoder) as tensor operations on the whole batch, keeps its own key/value caches,
-and drops finished rows from the batch so the work shrinks as rows end. Rows may carry
-prompts of different lengths (left padding with a key mask). At temperature 0 it gives
-the same tokens as `whisper.decode(..., DecodingOptions(temperature=0))`.
+Here a `DecodeBatch` holds rows that decode side by side, each at its own temperature:
+rows join between chunks of tokens (`add`: their prompts are prefilled and merged into
+the running batch, left-padded to its cache column), run `step(n)` tokens at a time, and
+leave as soon as they end (`step` returns the finished rows), so a window that arrives
+while others decode does not wait for them, and finished rows are refilled. Whisper's
+rules (SuppressBlank, SuppressTokens, ApplyTimestampRules, greedy or sampled) are tensor
+operations on the whole batch; there is no host sync inside a chunk. At temperature 0 a
+row gets the same tokens as `whisper.decode(..., DecodingOptions(temperature=0))`,
+whatever else shares its batch.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -116,29 +120,6 @@ def apply_rules(
     logits[:, :ts_begin].masked_fill_((timestamp_mass > max_text)[:, None], neg_inf)
 
 
-class _Cache:
-    """Self-attention keys/values (preallocated) and cross-attention keys/values per layer."""
-
-    def __init__(self, model, audio_features: Tensor, n_rows: int, length: int):
-        decoder = model.decoder
-        n_state = model.dims.n_text_state
-        dtype, device = audio_features.dtype, audio_features.device
-        self.self_k = [torch.empty(n_rows, length, n_state, dtype=dtype, device=device)
-                       for _ in decoder.blocks]
-        self.self_v = [torch.empty_like(k) for k in self.self_k]
-        # Stored split into heads and contiguous: attention over a permuted view copies the
-        # whole cache at every step (3x slower per step on CPU).
-        self.cross_k = [_heads(block.cross_attn.key(audio_features), block.cross_attn.n_head).contiguous()
-                        for block in decoder.blocks]
-        self.cross_v = [_heads(block.cross_attn.value(audio_features), block.cross_attn.n_head).contiguous()
-                        for block in decoder.blocks]
-
-    def keep(self, rows: Tensor) -> None:
-        for cache in (self.self_k, self.self_v, self.cross_k, self.cross_v):
-            for i, t in enumerate(cache):
-                cache[i] = t.index_select(0, rows)
-
-
 def _heads(x: Tensor, n_head: int) -> Tensor:
     return x.view(*x.shape[:2], n_head, -1).permute(0, 2, 1, 3)
 
@@ -150,6 +131,56 @@ def _attend(q, k, v, n_head, is_causal=False, mask=None, kv_in_heads=False):
         k, v = _heads(k, n_head), _heads(v, n_head)
     a = F.scaled_dot_product_attention(_heads(q, n_head), k, v, attn_mask=mask, is_causal=is_causal)
     return a.permute(0, 2, 1, 3).flatten(start_dim=2)
+
+
+class _Cache:
+    """Per decoder layer: self-attention keys/values (rows, columns, state) and the
+    cross-attention keys/values of the rows' audio, split into heads and contiguous
+    (attention over a permuted view copies the whole cache at every step: 3x slower per
+    step on CPU)."""
+
+    def __init__(self, self_k, self_v, cross_k, cross_v):
+        self.self_k, self.self_v, self.cross_k, self.cross_v = self_k, self_v, cross_k, cross_v
+
+    @classmethod
+    def for_audio(cls, model, audio_features: Tensor, columns: int) -> "_Cache":
+        decoder = model.decoder
+        n_rows, dtype, device = audio_features.shape[0], audio_features.dtype, audio_features.device
+        n_state = model.dims.n_text_state
+        self_k = [torch.zeros(n_rows, columns, n_state, dtype=dtype, device=device) for _ in decoder.blocks]
+        self_v = [torch.zeros_like(k) for k in self_k]
+        cross_k = [_heads(b.cross_attn.key(audio_features), b.cross_attn.n_head).contiguous()
+                   for b in decoder.blocks]
+        cross_v = [_heads(b.cross_attn.value(audio_features), b.cross_attn.n_head).contiguous()
+                   for b in decoder.blocks]
+        return cls(self_k, self_v, cross_k, cross_v)
+
+    def keep(self, rows: Tensor) -> None:
+        for cache in (self.self_k, self.self_v, self.cross_k, self.cross_v):
+            for i, t in enumerate(cache):
+                cache[i] = t.index_select(0, rows)
+
+    def columns(self, start: int, end: int, pad_left: int = 0) -> "_Cache":
+        """Self-attention columns [start, end) with `pad_left` zero columns before them and
+        enough after to reach end - start + pad_left; cross-attention as is."""
+        def cut(t):
+            part = t[:, start:end]
+            return F.pad(part, (0, 0, pad_left, 0)) if pad_left else part.contiguous()
+        return _Cache([cut(t) for t in self.self_k], [cut(t) for t in self.self_v],
+                      self.cross_k, self.cross_v)
+
+    def grow(self, columns: int) -> None:
+        """Room for `columns` self-attention columns in all."""
+        extra = columns - self.self_k[0].shape[1]
+        if extra > 0:
+            self.self_k = [F.pad(t, (0, 0, 0, extra)) for t in self.self_k]
+            self.self_v = [F.pad(t, (0, 0, 0, extra)) for t in self.self_v]
+
+    @staticmethod
+    def cat(a: "_Cache", b: "_Cache") -> "_Cache":
+        return _Cache(*([torch.cat([x, y]) for x, y in zip(p, q)]
+                        for p, q in ((a.self_k, b.self_k), (a.self_v, b.self_v),
+                                     (a.cross_k, b.cross_k), (a.cross_v, b.cross_v))))
 
 
 def _decoder_forward(model, tokens, positions, cache, start, mask, is_causal):
@@ -181,19 +212,213 @@ def _logits(model, hidden: Tensor) -> Tensor:
     return (hidden @ weight.T).float()
 
 
-def _sample(logits: Tensor, row_temperature: Tensor, active_rows: List[int], sampled: List[int],
-            generators) -> Tensor:
-    """Greedy tokens for rows at temperature 0; for the `sampled` rows (positions among the
-    active rows), argmax(logits / T - log E) with E ~ Exp(1) drawn from the row's own
-    generator: a sample from softmax(logits / T) that no other row can influence."""
+def _sample(logits: Tensor, row_temperature: Tensor, sampled: List[int], generators) -> Tensor:
+    """Greedy tokens for rows at temperature 0; for the `sampled` rows, argmax(logits / T -
+    log E) with E ~ Exp(1) drawn from the row's own generator: a sample from
+    softmax(logits / T) that no other row can influence."""
     next_tokens = logits.argmax(dim=-1)
-    noise = torch.stack([
-        torch.empty(logits.shape[-1]).exponential_(generator=generators[active_rows[k]])
-        for k in sampled
-    ]).to(logits.device)
+    if not sampled:
+        return next_tokens
+    noise = torch.stack([torch.empty(logits.shape[-1]).exponential_(generator=generators[k])
+                         for k in sampled]).to(logits.device)
     index = torch.tensor(sampled, device=logits.device)
     scores = logits.index_select(0, index) / row_temperature.index_select(0, index) - noise.log()
     return next_tokens.index_copy(0, index, scores.argmax(dim=-1))
+
+
+# per-row state tensors, kept in this order through joins and compaction
+_ROW_STATE = ("next_tokens", "next_position", "key_mask", "out_tokens", "row_step", "n_steps",
+              "n_sampled", "sum_logprobs", "no_speech", "last", "penultimate", "last_ts", "done",
+              "row_temperature")
+
+
+class DecodeBatch:
+    """Rows decoding side by side, joining and leaving between chunks of tokens.
+
+        batch = DecodeBatch(model, tokenizer, rules)
+        batch.add(features, initial_tokens, temperatures, generators, tags)
+        while len(batch):
+            for tag, result in batch.step(16): ...   # rows that ended in those 16 tokens
+
+    features: (n, n_audio_ctx, n_audio_state); initial_tokens: per row [sot_prev, prompt...,]
+    sot, [language, task]; a row sampled at a temperature above 0 draws from its own CPU
+    generator. Tags are the caller's: they come back with the results.
+    """
+
+    def __init__(self, model, tokenizer: Tokenizer, rules: TokenRules, max_new_tokens: Optional[int] = None):
+        self.model, self.tokenizer, self.rules = model, tokenizer, rules
+        self.n_ctx = model.dims.n_text_ctx
+        self.sample_len = max_new_tokens or self.n_ctx // 2
+        self.tags: List[Any] = []
+        self.temperatures: List[float] = []
+        self.generators: List[Optional[torch.Generator]] = []
+        self.cache: Optional[_Cache] = None
+        self.column = 0  # the cache column the next token is written to
+        self.horizon = 0  # tokens after which every row has ended (the cache has room for them)
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    @torch.no_grad()
+    def add(self, audio_features: Tensor, initial_tokens: Sequence[Sequence[int]],
+            temperatures: Sequence[float], generators: Sequence[Optional[torch.Generator]],
+            tags: Sequence[Any]) -> None:
+        """Prefill new rows, sample their first token, and merge them into the batch."""
+        model, rules = self.model, self.rules
+        device = audio_features.device
+        n_rows = audio_features.shape[0]
+        lengths = [len(t) for t in initial_tokens]
+        width = max(lengths)
+        padded = torch.full((n_rows, width), rules.eot, dtype=torch.long)
+        positions = torch.zeros((n_rows, width), dtype=torch.long)
+        sot_index = torch.zeros(n_rows, dtype=torch.long)
+        for r, toks in enumerate(initial_tokens):
+            pad = width - len(toks)
+            padded[r, pad:] = torch.tensor(toks)
+            positions[r, pad:] = torch.arange(len(toks))
+            sot_index[r] = pad + list(toks).index(rules.sot)
+        padded, positions, sot_index = padded.to(device), positions.to(device), sot_index.to(device)
+        # left padding: real keys only, and each pad query sees itself so no row is all -inf
+        is_real = positions > 0
+        is_real[torch.arange(n_rows), width - torch.tensor(lengths, device=device)] = True
+        mask = None
+        if min(lengths) != width:
+            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+            eye = torch.eye(width, dtype=torch.bool, device=device)
+            mask = ((causal & is_real[:, None, :]) | eye)[:, None]  # (rows, 1, q, k)
+
+        cache = _Cache.for_audio(model, audio_features, width)
+        hidden = _decoder_forward(model, padded, positions, cache, 0, mask=mask, is_causal=mask is None)
+        rows = torch.arange(n_rows, device=device)
+        at_sot = _logits(model, hidden[rows, sot_index][:, None])[:, 0]
+        if rules.no_speech is not None:
+            no_speech = at_sot.softmax(dim=-1)[:, rules.no_speech]
+        else:
+            no_speech = torch.full((n_rows,), float("nan"), device=device)
+        logits = _logits(model, hidden[:, -1:])[:, 0]
+
+        # whisper stops once the context holds more than n_ctx tokens
+        n_steps = torch.tensor([min(self.sample_len, self.n_ctx + 1 - n) for n in lengths], device=device)
+        none = torch.full((n_rows,), -1, dtype=torch.long, device=device)
+        new = {
+            "next_position": torch.tensor(lengths, device=device),
+            "key_mask": is_real,
+            "out_tokens": torch.full((n_rows, self.sample_len), rules.eot, dtype=torch.long, device=device),
+            "row_step": torch.zeros(n_rows, dtype=torch.long, device=device),
+            "n_steps": n_steps,
+            "n_sampled": n_steps.clone(),
+            "sum_logprobs": torch.zeros(n_rows, device=device),
+            "no_speech": no_speech,
+            "last": none, "penultimate": none.clone(), "last_ts": none.clone(),
+            "done": torch.zeros(n_rows, dtype=torch.bool, device=device),
+            "row_temperature": torch.tensor([float(t) for t in temperatures], device=device).clamp(min=1e-6)[:, None],
+        }
+        sampled = [k for k, t in enumerate(temperatures) if t > 0]
+        new["next_tokens"] = self._sample_step(new, logits, 0, sampled, list(generators))
+        self._merge(new, cache, width)
+        self.tags += list(tags)
+        self.temperatures += [float(t) for t in temperatures]
+        self.generators += list(generators)
+
+    def _sample_step(self, state: dict, logits: Tensor, step: int, sampled, generators) -> Tensor:
+        """Apply the rules, sample one token per row and record it; returns the tokens."""
+        rules = self.rules
+        apply_rules(rules, logits, step, state["last"], state["penultimate"], state["last_ts"])
+        tokens = _sample(logits, state["row_temperature"], sampled, generators)
+        done = state["done"]
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # as whisper, for equal sums
+        current = logprobs.gather(1, tokens[:, None])[:, 0]
+        state["sum_logprobs"] += current * ~done
+        tokens = torch.where(done, torch.full_like(tokens, rules.eot), tokens)
+        step_index = state["row_step"]
+        state["out_tokens"].scatter_(1, step_index.clamp(max=self.sample_len - 1)[:, None], tokens[:, None])
+        ended = (tokens == rules.eot) & ~done
+        state["n_sampled"] = torch.where(ended, step_index, state["n_sampled"])
+        state["row_step"] = step_index + (~done).long()
+        state["done"] = done | (tokens == rules.eot) | (state["row_step"] >= state["n_steps"])
+        state["penultimate"], state["last"] = state["last"], tokens
+        state["last_ts"] = torch.where(tokens >= rules.timestamp_begin, tokens, state["last_ts"])
+        return tokens
+
+    def _merge(self, new: dict, cache: _Cache, width: int) -> None:
+        """Join rows whose caches hold `width` columns into the batch, left-padding whichever
+        side is shorter so every row writes its next token at the same column, and dropping
+        leading columns no row uses any more."""
+        if not self.tags:
+            self.cache, self.column = cache, width
+            self.state = new
+        else:
+            # everything is computed before anything is assigned: a failure (out of
+            # memory) leaves the batch as it was
+            column = max(self.column, width)
+            merged_cache = _Cache.cat(self.cache.columns(0, self.column, pad_left=column - self.column),
+                                      cache.columns(0, width, pad_left=column - width))
+            masks = {"key_mask": torch.cat([F.pad(self.state["key_mask"][:, : self.column], (column - self.column, 0)),
+                                            F.pad(new["key_mask"], (column - width, 0))])}
+            merged = {k: masks[k] if k in masks else torch.cat([self.state[k], new[k]]) for k in _ROW_STATE}
+            self.cache, self.state, self.column = merged_cache, merged, column
+        self._trim()
+        self.horizon = int((self.state["n_steps"] - self.state["row_step"]).max())
+        self.cache.grow(self.column + self.horizon)
+
+    def _trim(self) -> None:
+        """Drop the leading cache columns that are padding for every row."""
+        used = self.state["key_mask"][:, : self.column].any(dim=0)
+        first = int(used.float().argmax()) if bool(used.any()) else self.column
+        if first > 0:
+            self.cache = self.cache.columns(first, self.cache.self_k[0].shape[1])
+            self.state["key_mask"] = self.state["key_mask"][:, first:]
+            self.column -= first
+
+    @torch.no_grad()
+    def step(self, max_tokens: int) -> List[Tuple[Any, DecodedWindow]]:
+        """Decode up to `max_tokens` tokens for every row (fewer if all rows end first) and
+        return the rows that have ended, which leave the batch."""
+        state = self.state
+        sampled = [k for k, t in enumerate(self.temperatures) if t > 0]
+        for _ in range(min(max_tokens, self.horizon)):
+            self.horizon -= 1
+            column = self.column
+            state["key_mask"] = F.pad(state["key_mask"][:, :column], (0, 1), value=True)
+            hidden = _decoder_forward(
+                self.model, state["next_tokens"][:, None], state["next_position"][:, None], self.cache,
+                column, mask=state["key_mask"][:, None, None, :], is_causal=False,
+            )
+            state["next_position"] = state["next_position"] + 1
+            self.column += 1
+            logits = _logits(self.model, hidden[:, -1:])[:, 0]
+            state["next_tokens"] = self._sample_step(state, logits, 1, sampled, self.generators)
+        return self._retire()
+
+    def _retire(self) -> List[Tuple[Any, DecodedWindow]]:
+        state = self.state
+        done = state["done"].tolist()  # the one host sync per chunk
+        if not any(done):
+            return []
+        out_tokens = state["out_tokens"].cpu()
+        n_sampled, sums = state["n_sampled"].tolist(), state["sum_logprobs"].tolist()
+        no_speech = state["no_speech"].tolist()
+        finished = []
+        for r in (r for r, d in enumerate(done) if d):
+            tokens = out_tokens[r, : n_sampled[r]].tolist()
+            text = self.tokenizer.decode(tokens).strip()
+            finished.append((self.tags[r], DecodedWindow(
+                tokens=tokens, text=text, sum_logprob=sums[r], avg_logprob=sums[r] / (len(tokens) + 1),
+                no_speech_prob=no_speech[r], temperature=self.temperatures[r],
+                compression_ratio=compression_ratio(text),
+            )))
+        keep = [r for r, d in enumerate(done) if not d]
+        self.tags = [self.tags[r] for r in keep]
+        self.temperatures = [self.temperatures[r] for r in keep]
+        self.generators = [self.generators[r] for r in keep]
+        if keep:
+            index = torch.tensor(keep, device=state["done"].device)
+            self.state = {k: state[k].index_select(0, index) for k in _ROW_STATE}
+            self.cache.keep(index)
+            self._trim()
+        else:
+            self.state, self.cache, self.column, self.horizon = {}, None, 0, 0
+        return finished
 
 
 @torch.no_grad()
@@ -205,160 +430,18 @@ def decode_windows(
     rules: TokenRules,
     temperatures: Union[float, Sequence[float]] = 0.0,
     max_new_tokens: Optional[int] = None,
-    sync_every: int = 1,
     generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+    tokens_per_step: int = 16,
 ) -> List[DecodedWindow]:
     """Decode each row of `audio_features` (n_rows, n_audio_ctx, n_state) after its own
-    `initial_tokens` ([sot_prev, prompt...,] sot, [language, task]) with timestamps.
-
-    temperatures: one for all rows, or one per row; 0 is greedy. A row sampled at a
-    temperature above 0 draws its noise only from its own CPU generator in `generators`
-    (the exponential race, equivalent to sampling from softmax(logits / T)), so its
-    tokens do not depend on which other rows share the batch.
-    sync_every: how many steps between checks for finished rows (each check is one
-    device sync); finished rows leave the batch at the next check.
-    """
-    device = audio_features.device
+    `initial_tokens` to its end, all rows in one DecodeBatch; results in row order."""
     n_rows = audio_features.shape[0]
-    n_ctx = model.dims.n_text_ctx
-    sample_len = max_new_tokens or n_ctx // 2
-    eot = rules.eot
-
-    lengths = [len(t) for t in initial_tokens]
-    width = max(lengths)
-    # whisper stops once the context holds more than n_ctx tokens
-    n_steps = min(sample_len, n_ctx + 1 - width)
-    padded = torch.full((n_rows, width), eot, dtype=torch.long)
-    positions = torch.zeros((n_rows, width), dtype=torch.long)
-    sot_index = torch.zeros(n_rows, dtype=torch.long)
-    for r, toks in enumerate(initial_tokens):
-        pad = width - len(toks)
-        padded[r, pad:] = torch.tensor(toks)
-        positions[r, pad:] = torch.arange(len(toks))
-        sot_index[r] = pad + list(toks).index(rules.sot)
-    padded, positions, sot_index = padded.to(device), positions.to(device), sot_index.to(device)
-    next_position = torch.tensor(lengths, device=device)
-
-    # left padding: real keys only, and each pad query sees itself so no row is all -inf
-    key_mask = None
-    if min(lengths) != width:
-        is_real = positions > 0
-        is_real[torch.arange(n_rows), width - torch.tensor(lengths, device=device)] = True
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        eye = torch.eye(width, dtype=torch.bool, device=device)
-        prefill_mask = (causal & is_real[:, None, :]) | eye  # (rows, q, k)
-        key_mask = is_real  # (rows, k) for the later steps
-
-    cache = _Cache(model, audio_features, n_rows, width + n_steps)
-    hidden = _decoder_forward(
-        model, padded, positions, cache, 0,
-        mask=None if key_mask is None else prefill_mask[:, None],
-        is_causal=key_mask is None,
-    )
-    rows = torch.arange(n_rows, device=device)
-    at_sot = _logits(model, hidden[rows, sot_index][:, None])[:, 0]
-    if rules.no_speech is not None:
-        no_speech_probs = at_sot.softmax(dim=-1)[:, rules.no_speech]
-    else:
-        no_speech_probs = torch.full((n_rows,), float("nan"), device=device)
-    logits = _logits(model, hidden[:, -1:])[:, 0]
-
     if isinstance(temperatures, (int, float)):
         temperatures = [float(temperatures)] * n_rows
-    temperatures = [float(t) for t in temperatures]
-    if generators is None:
-        generators = [None] * n_rows
-    row_temperature = torch.tensor(temperatures, device=device).clamp(min=1e-6)[:, None]
-
-    # per active row state; `active` maps active rows to original rows (`active_rows`: the
-    # same on the host, updated only where the finished-row check syncs anyway)
-    active = rows.clone()
-    active_rows = list(range(n_rows))
-    out_tokens = torch.full((n_rows, n_steps), eot, dtype=torch.long, device=device)
-    n_sampled = torch.full((n_rows,), n_steps, dtype=torch.long, device=device)
-    sum_logprobs = torch.zeros(n_rows, device=device)
-    last = torch.full((n_rows,), -1, dtype=torch.long, device=device)
-    penultimate = last.clone()
-    last_ts = last.clone()
-    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    steps = torch.arange(n_steps, device=device)
-
-    for step in range(n_steps):
-        apply_rules(rules, logits, step, last, penultimate, last_ts)
-        sampled = [k for k, r in enumerate(active_rows) if temperatures[r] > 0]
-        if not sampled:
-            next_tokens = logits.argmax(dim=-1)
-        else:
-            next_tokens = _sample(logits, row_temperature, active_rows, sampled, generators)
-        logprobs = F.log_softmax(logits.float(), dim=-1)  # as whisper, for equal sums
-        current = logprobs.gather(1, next_tokens[:, None])[:, 0]
-        sum_logprobs.index_add_(0, active, current * ~done)
-        next_tokens = torch.where(done, torch.full_like(next_tokens, eot), next_tokens)
-        out_tokens[active, step] = next_tokens
-        ended = (next_tokens == eot) & ~done
-        # no boolean indexing here: it would sync with the device every step
-        n_sampled[active] = torch.where(ended, steps[step], n_sampled[active])
-        done = done | (next_tokens == eot)
-
-        penultimate, last = last, next_tokens
-        last_ts = torch.where(next_tokens >= rules.timestamp_begin, next_tokens, last_ts)
-        if step == n_steps - 1:
-            break
-
-        if (step + 1) % sync_every == 0:
-            # drop finished rows once they are a quarter of the batch: each drop copies
-            # the caches of the rows that stay, so dropping one row at a time costs more
-            n_done = int(done.sum())
-            if n_done == len(done):
-                break
-            if n_done * 4 < len(done):
-                n_done = 0
-        else:
-            n_done = 0
-        if n_done:
-            keep = (~done).nonzero()[:, 0]
-            active, last, penultimate, last_ts, done, row_temperature = (
-                t.index_select(0, keep)
-                for t in (active, last, penultimate, last_ts, done, row_temperature)
-            )
-            active_rows = active.tolist()
-            next_position = next_position.index_select(0, keep)
-            if key_mask is not None:
-                key_mask = key_mask.index_select(0, keep)
-            cache.keep(keep)
-            next_tokens = next_tokens.index_select(0, keep)
-
-        column = width + step
-        step_mask = None
-        if key_mask is not None:
-            key_mask = torch.cat(
-                [key_mask, torch.ones_like(key_mask[:, :1])], dim=1
-            )
-            step_mask = key_mask[:, None, None, :]
-        hidden = _decoder_forward(
-            model, next_tokens[:, None], next_position[:, None], cache, column,
-            mask=step_mask, is_causal=False,
-        )
-        next_position = next_position + 1
-        logits = _logits(model, hidden[:, -1:])[:, 0]
-
-    out_tokens = out_tokens.cpu()
-    n_sampled = n_sampled.tolist()
-    sum_logprobs = sum_logprobs.tolist()
-    no_speech_probs = no_speech_probs.tolist()
-    results = []
-    for r in range(n_rows):
-        tokens = out_tokens[r, : n_sampled[r]].tolist()
-        text = tokenizer.decode(tokens).strip()
-        results.append(
-            DecodedWindow(
-                tokens=tokens,
-                text=text,
-                sum_logprob=sum_logprobs[r],
-                avg_logprob=sum_logprobs[r] / (len(tokens) + 1),
-                no_speech_prob=no_speech_probs[r],
-                temperature=temperatures[r],
-                compression_ratio=compression_ratio(text),
-            )
-        )
+    batch = DecodeBatch(model, tokenizer, rules, max_new_tokens)
+    batch.add(audio_features, initial_tokens, temperatures, generators or [None] * n_rows, range(n_rows))
+    results: List[Optional[DecodedWindow]] = [None] * n_rows
+    while len(batch):
+        for row, result in batch.step(tokens_per_step):
+            results[row] = result
     return results

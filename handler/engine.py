@@ -75,7 +75,12 @@ class EngineConfig:
     # maps leave the cache: 112 ms/window alone, 108 in pairs, 164 in sixteens for base bf16
     # on 2 cores), so the step's windows are encoded in pairs; on GPU all at once.
     encoder_batch: Optional[int] = None
-    sync_every: Optional[int] = None  # decoder steps between finished-row checks; None: by device
+    # Decoder tokens per step: between steps finished windows leave the decode batch and
+    # new ones join, so this bounds how long a new request waits to start (None: by device).
+    tokens_per_step: Optional[int] = None
+    # Windows that may join the decode batch per step (their encoder pass delays the step);
+    # None: the encoder batch.
+    new_windows_per_step: Optional[int] = None
     # Seconds of audio admitted at once; a request beyond it gets 503 with Retry-After
     # (a request alone is always admitted: max_duration_s bounds it).
     max_inflight_audio_s: float = 8 * 3600
@@ -94,8 +99,9 @@ class EngineConfig:
             fp16=cuda if self.fp16 is None else (self.fp16 and cuda),
             window_budget=budget,
             split_long=cuda if self.split_long is None else self.split_long,
-            sync_every=(4 if cuda else 1) if self.sync_every is None else self.sync_every,
+            tokens_per_step=(16 if cuda else 8) if self.tokens_per_step is None else self.tokens_per_step,
             encoder_batch=(budget if cuda else 2) if self.encoder_batch is None else self.encoder_batch,
+            new_windows_per_step=self.new_windows_per_step or (budget if cuda else 2),
             cpu_bf16=(cpu_has_amx_bf16() if self.cpu_bf16 is None else self.cpu_bf16) and not cuda,
         )
 
@@ -145,8 +151,7 @@ class Engine:
         self.config = config.resolved(model.dims)
         c = self.config
         self.runner = ModelRunner(model, c.device, c.dtype, encoder_batch=c.encoder_batch,
-                                  max_new_tokens=c.max_new_tokens, sync_every=c.sync_every,
-                                  oom_above_windows=c.oom_above_windows)
+                                  max_new_tokens=c.max_new_tokens, oom_above_windows=c.oom_above_windows)
         # mode="sequential" is the seed's behaviour: the model as loaded, not a reduced copy
         self.sequential_model = model if c.cpu_bf16 else self.runner.model
         self.thresholds = Thresholds(c.compression_ratio_threshold, c.logprob_threshold,
@@ -165,7 +170,11 @@ class Engine:
         self._inflight_requests = 0
         self._active: List[Request] = []  # admitted, in order of arrival (engine thread only)
         self._futures: Dict[int, Future] = {}
-        self._retry: Dict[int, torch.Tensor] = {}  # id(stream) -> encoder output kept for a retry
+        # id(stream) -> encoder output of its current window, kept until the window commits
+        # (word timing, fallback retries)
+        self._features: Dict[int, torch.Tensor] = {}
+        self._decoding: set = set()  # id(stream) of the windows in the decode batch
+        self._suspects: set = set()  # id(stream) of windows to run alone after a failed chunk
         self._ids = itertools.count()
         self._closed = False
         # finishing a request (text, word snapping on the audio) is per-request CPU work:
@@ -280,7 +289,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._inbox and not self._active and not self._closed:
+                while not self._inbox and not self._active and not self.runner.decoding and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return
@@ -296,11 +305,13 @@ class Engine:
                 except Exception as exc:
                     logger.exception("request %s: admission failed", request.id)
                     self._fail(request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
-            if self._active:
+            if self._active or self.runner.decoding:
                 try:
                     self._step()
-                except Exception as exc:  # a bug outside the per-stream guards: fail the step's requests
+                except Exception as exc:  # a bug outside the per-window guards: fail what is in flight
                     logger.exception("engine step failed")
+                    self.runner.reset()
+                    self._decoding.clear()
                     for request in list(self._active):
                         self._fail(request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
 
@@ -325,16 +336,26 @@ class Engine:
             self._active.append(r)
 
     def _select(self) -> List[Stream]:
-        """Up to window_budget streams: one per request per round, in order of arrival."""
-        queues = [deque(s for s in r.streams if not s.done) for r in self._active]
+        """Streams to start a window for: up to the free places in the decode batch (and
+        `new_windows_per_step`), one per request per round, in order of arrival. While a
+        window is suspected of failing the batch, it runs alone."""
+        decoding = len(self.runner.decoding)
+        if self._suspects:
+            suspects = [s for r in self._active for s in r.streams if id(s) in self._suspects]
+            return suspects[:1] if decoding == 0 and suspects else []
+        room = min(self.window_budget - decoding, self.config.new_windows_per_step)
+        queues = [deque(s for s in r.streams if not s.done and id(s) not in self._decoding)
+                  for r in self._active]
         chosen: List[Stream] = []
-        while len(chosen) < self.window_budget and any(queues):
+        while len(chosen) < room and any(queues):
             for q in queues:
-                if q and len(chosen) < self.window_budget:
+                if q and len(chosen) < room:
                     chosen.append(q.popleft())
         return chosen
 
     def _step(self) -> None:
+        """Start windows in the free places of the decode batch, decode every running
+        window `tokens_per_step` tokens further, apply the windows that ended."""
         started = time.perf_counter()
         streams = self._select()
         waits = []
@@ -342,11 +363,20 @@ class Engine:
             if s.request.first_window_at is None:
                 s.request.first_window_at = time.monotonic()
                 waits.append(s.request.first_window_at - s.request.arrived)
-        self._run(streams)
-        touched = list(dict.fromkeys(s.request for s in streams))
-        for r in touched:
+        if streams:
+            self._start(streams)
+        rows = len(self.runner.decoding)
+        touched = []
+        if rows:
+            for s, result in self._decode():
+                touched.append(s.request)
+                try:
+                    self._apply(s, result)
+                except Exception as exc:
+                    logger.exception("request %s: applying a window failed", s.request.id)
+                    self._fail(s.request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
+        for r in dict.fromkeys(touched):
             self._publish(r)
-        for r in touched:
             if r.error is None and r.done:
                 self._finish(r)
         self._active = [r for r in self._active if not r.done]
@@ -356,58 +386,37 @@ class Engine:
         if self.on_step is not None:
             load = self.load()
             try:
-                self.on_step(StepReport(len(streams), elapsed, load["requests"], load["streams"], waits))
+                self.on_step(StepReport(rows, elapsed, load["requests"], load["streams"], waits))
             except Exception:
                 logger.debug("on_step failed", exc_info=True)
 
-    def _run(self, streams: List[Stream]) -> None:
-        """Compute the streams' windows and apply them; a failing computation is split in
-        halves (an out-of-memory error also lowers the budget), down to one window, whose
-        request alone then fails."""
+    def _start(self, streams: List[Stream]) -> None:
+        """Encode the streams' windows and add them to the decode batch. A failing call is
+        split in halves (an out-of-memory error also lowers the budget), down to one
+        window, whose request alone then fails."""
         try:
-            features, languages, results = self._forward(streams)
+            self._forward(streams)
         except Exception as exc:
             oom = is_out_of_memory(exc)
             message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             del exc  # its traceback holds the failed call's tensors
-            if self.runner.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if oom:
-                self.stats["oom_splits"] += 1
-                if len(streams) > 1:
-                    self.window_budget = max(1, min(self.window_budget, len(streams) // 2))
-                    logger.warning("out of memory with %d windows: step split, window budget now %d",
-                                   len(streams), self.window_budget)
+            self._after_failure(oom, len(streams) + len(self.runner.decoding))
             if len(streams) == 1:
-                request = streams[0].request
-                if oom:
-                    error = OutOfMemory("Not enough device memory to transcribe this audio, even "
-                                        f"alone in a step ({message}). Retry later.")
-                else:
-                    logger.error("request %s: window failed alone: %s", request.id, message)
-                    error = InternalError(f"transcription failed: {message}")
-                self._fail(request, error)
+                self._fail(streams[0].request, self._window_error(streams[0].request, oom, message))
                 return
             half = (len(streams) + 1) // 2
-            self._run(streams[:half])
-            self._run(streams[half:])
-            return
-        for i, s in enumerate(streams):
-            try:
-                self._apply(s, features[i], languages[i], results[i])
-            except Exception as exc:
-                logger.exception("request %s: applying a window failed", s.request.id)
-                self._fail(s.request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
+            self._start(streams[:half])
+            self._start(streams[half:])
 
-    def _forward(self, streams: List[Stream]):
-        """The pure part of a step: encoder outputs (kept ones for retried windows),
-        languages of requests that did not give one, and the decoded windows."""
+    def _forward(self, streams: List[Stream]) -> None:
+        """Encoder outputs (kept ones for retried windows), languages of requests that did
+        not give one, and the windows added to the decode batch."""
         runner = self.runner
         started = runner.clock()
-        new = [s for s in streams if id(s) not in self._retry]
+        new = [s for s in streams if id(s) not in self._features]
         encoded = iter(runner.encode([s.request.mel[:, s.seek: s.seek + s.window_size] for s in new])
                        if new else [])
-        features = torch.stack([self._retry[id(s)] if id(s) in self._retry else next(encoded)
+        features = torch.stack([self._features[id(s)] if id(s) in self._features else next(encoded)
                                 for s in streams])
         languages: List[Optional[str]] = [s.request.language for s in streams]
         unknown = [i for i, lang in enumerate(languages) if lang is None]
@@ -416,32 +425,80 @@ class Engine:
             first: Dict[int, str] = {}
             for i, lang in zip(unknown, detected):  # the request's first row decides
                 languages[i] = first.setdefault(id(streams[i].request), lang)
-        encoded_at = runner.clock()
         initial = []
         for s, lang in zip(streams, languages):
             tokenizer = runner.tokenizer(lang, s.request.options.task)
             prompt = s.prompt(runner.dims.n_text_ctx)
             initial.append(([tokenizer.sot_prev] + prompt if prompt else []) + list(tokenizer.sot_sequence))
-        results = runner.decode(features, initial, [s.temperature for s in streams],
-                                [window_seed(s.request.options.seed, s) for s in streams])
-        self.stats["encode_s"] += encoded_at - started
-        self.stats["decode_s"] += runner.clock() - encoded_at
+        runner.start(features, initial, [s.temperature for s in streams],
+                     [window_seed(s.request.options.seed, s) for s in streams], streams)
+        # only now, with the windows in the batch, does the stream state change
+        for s, window_features, lang in zip(streams, features, languages):
+            self._features[id(s)] = window_features
+            self._decoding.add(id(s))
+            if s.request.language is None:
+                s.request.language = lang
+        self.stats["encode_s"] += runner.clock() - started
         self.stats["encoder_windows"] += len(new)
-        self.stats["decoded_windows"] += len(streams)
         self.stats["fallback_windows"] += len(streams) - len(new)
-        return features, languages, results
 
-    def _apply(self, s: Stream, features: torch.Tensor, language: str, result) -> None:
+    def _decode(self) -> List[Tuple[Stream, object]]:
+        """One chunk of tokens for the decode batch; the windows that ended. On a failure the
+        batch is dropped and its windows go back to the pool (kept encoder outputs, same
+        fallback level): after an out-of-memory error with a lower budget, after another
+        error each alone, until the one at fault fails its request."""
+        started = self.runner.clock()
+        try:
+            ended = self.runner.step(self.config.tokens_per_step)
+        except Exception as exc:
+            oom = is_out_of_memory(exc)
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            del exc
+            streams = self.runner.reset()
+            for s in streams:
+                self._decoding.discard(id(s))
+            self._after_failure(oom, len(streams))
+            if len(streams) == 1:
+                self._suspects.discard(id(streams[0]))
+                self._fail(streams[0].request, self._window_error(streams[0].request, oom, message))
+            elif not oom:
+                logger.error("decoding %d windows failed (%s): retrying them one at a time", len(streams), message)
+                self._suspects.update(id(s) for s in streams)
+            return []
+        self.stats["decode_s"] += self.runner.clock() - started
+        self.stats["decoded_windows"] += len(ended)
+        for s, _ in ended:
+            self._decoding.discard(id(s))
+            self._suspects.discard(id(s))
+        return ended
+
+    def _after_failure(self, oom: bool, windows: int) -> None:
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if oom:
+            self.stats["oom_splits"] += 1
+            if windows > 1:
+                self.window_budget = max(1, min(self.window_budget, windows // 2))
+                logger.warning("out of memory with %d windows: step split, window budget now %d",
+                               windows, self.window_budget)
+
+    @staticmethod
+    def _window_error(request: Request, oom: bool, message: str) -> RequestError:
+        if oom:
+            return OutOfMemory("Not enough device memory to transcribe this audio, even alone "
+                               f"in a step ({message}). Retry later.")
+        logger.error("request %s: window failed alone: %s", request.id, message)
+        return InternalError(f"transcription failed: {message}")
+
+    def _apply(self, s: Stream, result) -> None:
+        """A window's decoded result to its stream: again one level hotter, or committed."""
         r = s.request
         if r.error is not None:
             return
-        if r.language is None:
-            r.language = language
         chosen = s.record(result, self.thresholds)
-        if chosen is None:  # decode again, hotter, in the next step
-            self._retry[id(s)] = features
+        if chosen is None:  # decode again, hotter, from the next step on
             return
-        self._retry.pop(id(s), None)
+        features = self._features.pop(id(s))
         tokenizer = self.runner.tokenizer(r.language, r.options.task)
         proposal = s.propose(chosen, self.thresholds, tokenizer)
         if s.word_timestamps and proposal.segments:
@@ -468,7 +525,8 @@ class Engine:
             return
         r.error = error
         for s in r.streams:
-            self._retry.pop(id(s), None)
+            self._features.pop(id(s), None)
+            self._suspects.discard(id(s))
         self.stats["failed_requests"] += 1
         self._release(r)
         future = self._futures.pop(id(r), None)

@@ -1,14 +1,15 @@
 """The model runner: the only part of the engine that touches torch and the device.
 
 The scheduler (engine.py) asks it to compute a request's log-mel, encode these windows,
-detect their language, decode these windows at these temperatures, and time their words;
-it knows nothing of streams, requests or fairness. Every call is pure: it reads its
-arguments and returns new values, so the scheduler can split a failing call and retry.
+detect their language, start decoding these windows at these temperatures, decode the
+running windows some tokens further (returning those that ended), and time their words.
+It knows nothing of streams, requests or fairness. The decode batch is its one piece of
+state: `reset` drops it (after a failure) and hands back the tags of its rows.
 """
 
 import copy
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
 from whisper.timing import add_word_timestamps, dtw
 from whisper.tokenizer import LANGUAGES, get_tokenizer
 
-from decoding import DecodedWindow, TokenRules, decode_windows
+from decoding import DecodeBatch, DecodedWindow, TokenRules
 from oom import InjectedOutOfMemory
 
 
@@ -75,21 +76,24 @@ class ModelRunner:
     """Encode and decode windows of one Whisper model on one device."""
 
     def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 encoder_batch: int = 2, max_new_tokens: int = 224, sync_every: int = 1,
-                 oom_above_windows: int = 0):
+                 encoder_batch: int = 2, max_new_tokens: int = 224, oom_above_windows: int = 0):
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = prepare_model(model, device, dtype)
         self.dims = self.model.dims
         self.encoder_batch = encoder_batch
         self.max_new_tokens = max_new_tokens
-        self.sync_every = sync_every
         # tests only: a call with more windows than this raises an injected OOM (0: off)
         self.oom_above_windows = oom_above_windows
         self.languages = tuple(LANGUAGES)[: self.model.num_languages] if self.model.is_multilingual else ("en",)
         self._tokenizers = {}
         self.rules = TokenRules(self.tokenizer("en", "transcribe"), self.dims.n_vocab,
                                 self.dims.n_audio_ctx, self.device)
+        self.batch = self._new_batch()
+
+    def _new_batch(self) -> DecodeBatch:
+        # the tokenizer only turns tokens into text: the BPE is the same for every language
+        return DecodeBatch(self.model, self.tokenizer("en", "transcribe"), self.rules, self.max_new_tokens)
 
     def tokenizer(self, language: Optional[str], task: str):
         model = self.model
@@ -132,19 +136,31 @@ class ModelRunner:
         _, probs = self.model.detect_language(features, self.tokenizer(None, "transcribe"))
         return [max(p, key=p.get) for p in probs]
 
-    @torch.no_grad()
-    def decode(self, features: torch.Tensor, initial_tokens: Sequence[Sequence[int]],
-               temperatures: Sequence[float], seeds: Sequence[int]) -> List[DecodedWindow]:
-        """Decode each window after its own initial tokens at its own temperature; a
-        sampled window draws from a generator seeded with its own seed."""
-        self._check_size(len(initial_tokens))
+    def start(self, features: torch.Tensor, initial_tokens: Sequence[Sequence[int]],
+              temperatures: Sequence[float], seeds: Sequence[int], tags: Sequence) -> None:
+        """Add windows to the decode batch, each after its own initial tokens at its own
+        temperature; a sampled window draws from a generator seeded with its own seed."""
+        self._check_size(len(self.batch) + len(tags))
         generators = [torch.Generator().manual_seed(seed) if t > 0 else None
                       for t, seed in zip(temperatures, seeds)]
-        return decode_windows(
-            self.model, features, initial_tokens, self.tokenizer("en", "transcribe"), self.rules,
-            temperatures=list(temperatures), max_new_tokens=self.max_new_tokens,
-            sync_every=self.sync_every, generators=generators,
-        )
+        self.batch.add(features, initial_tokens, list(temperatures), generators, list(tags))
+
+    def step(self, tokens: int) -> List[Tuple[object, DecodedWindow]]:
+        """Decode every running window up to `tokens` further; (tag, result) of those that ended."""
+        return self.batch.step(tokens)
+
+    @property
+    def decoding(self) -> List:
+        """Tags of the windows in the decode batch."""
+        return list(self.batch.tags)
+
+    def reset(self) -> List:
+        """Drop the decode batch (after a failure); returns the tags it held."""
+        tags = list(self.batch.tags)
+        self.batch = self._new_batch()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return tags
 
     @torch.no_grad()
     def add_word_timestamps(self, segments: List[dict], features: torch.Tensor, num_frames: int,

@@ -1,81 +1,203 @@
 #!/usr/bin/env python3
-"""Throughput through TorchServe with dynamic batching against batchSize 1, in one run.
+"""The serving engine's bars, measured through a real TorchServe in one run.
 
-Starts two private services with serve.sh on free loopback ports — the same model and
-config except batchSize/maxBatchDelay — sends each the same closed-loop load with
-bulk_request's machinery (N concurrent clients, files round-robin), and prints a table:
+Starts one private service with serve.sh on free loopback ports (with the OpenAI proxy)
+and measures, printing the CPU model and flags and one table at the end:
 
-    python scripts/benchmark_service.py --model base --concurrency 16 --requests 64 \\
-        ../shared/audio/librispeech ../shared/audio/english
+  head of line   a short clip alone, a long upload (~320 s, built by concatenating the
+                 English files) alone, then the short clip sent 1 s after the long upload
+                 started: the short clip's latency against alone (bar: within 3x) and the
+                 long upload's (bar: not slowed more than 1.2x)
+  throughput     the English files of the corpus (the long file included), each sent
+                 `--rounds` times, one request at a time and then by `--concurrency`
+                 clients: audio seconds per second of each, their ratio (bar: 1.7x), and
+                 the WER of both against the manifest's references
+  streaming      a ~170 s file through OpenAI's SDK with stream=True: when the first
+                 delta arrived against the whole answer (bar: before 60%), and whether the
+                 done text equals the non-streamed text
 
-Each service is stopped afterwards, whatever happens.
+    python scripts/benchmark_service.py --model base --audio ../shared/audio
+
+The service is stopped afterwards, whatever happens.
 """
 
 import argparse
+import statistics
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-from bulk_request import run_load, summarize
-from client import WhisperClient, expand_audio_paths
-from local_service import start_service
+import numpy as np
+import soundfile
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
+
+from bulk_request import load_references, run_load, score_records, summarize  # noqa: E402
+from client import WhisperClient  # noqa: E402
+from local_service import running_service  # noqa: E402
+from machine import cpu_description  # noqa: E402
+
+SHORT_CLIP = "librispeech/test-clean/61-70968-0000.flac"  # 4.9 s
+LONG_FILE = "long/librispeech_concat_16k.flac"  # 141.5 s
 
 
-def measure(name: str, env: dict, args, files) -> dict:
-    with tempfile.TemporaryDirectory(prefix=f"bench-{name.replace(' ', '')}-") as root:
-        print(f"[{name}] starting TorchServe ({env})", file=sys.stderr)
-        service = start_service(Path(root), model=args.model, extra_env=env)
-        try:
-            client = WhisperClient(service.url, timeout=args.timeout)
-            # one warm-up request so both runs start with a loaded, warmed-up worker
-            options = {"language": args.language} if args.language else {}
-            client.transcribe(files[0], **options)
-            records, wall = run_load(
-                client, files, concurrency=args.concurrency, count=args.requests, duration_s=None, options=options
-            )
-        finally:
-            service.stop()
-    summary = summarize(records, wall)
-    summary["name"] = name
-    return summary
+def load(path: Path) -> np.ndarray:
+    from audio import decode_audio
+
+    return decode_audio(path.read_bytes()).samples
+
+
+def concatenate(paths, seconds: float, out: Path, gap_s: float = 0.5) -> Path:
+    """The files joined with short gaps, repeated until at least `seconds` long."""
+    gap = np.zeros(int(16000 * gap_s), dtype=np.float32)
+    parts, total = [], 0.0
+    while total < seconds:
+        for path in paths:
+            audio = load(path)
+            parts += [audio, gap]
+            total += len(audio) / 16000 + gap_s
+            if total >= seconds:
+                break
+    soundfile.write(out, np.concatenate(parts), 16000, format="FLAC")
+    return out
+
+
+def english_files(audio_dir: Path) -> list:
+    """The corpus's English files (jfk, librispeech, english/, the long file)."""
+    files = sorted(p for sub in ("jfk", "librispeech", "english", "long")
+                   for p in (audio_dir / sub).rglob("*") if p.is_file())
+    return [p for p in files if p.suffix in (".flac", ".wav", ".mp3", ".ogg", ".opus")]
+
+
+def timed(client: WhisperClient, path: Path, **options) -> float:
+    started = time.monotonic()
+    response = client.post(path.read_bytes(), filename=path.name, **options)
+    if not response.ok:
+        raise RuntimeError(f"{path.name}: {response.status_code} {response.text[:200]}")
+    return time.monotonic() - started
+
+
+def head_of_line(client, short: Path, long: Path, delay_s: float) -> dict:
+    short_alone = statistics.median(timed(client, short) for _ in range(3))
+    long_alone = timed(client, long)
+    result = {}
+
+    def send_long():
+        result["long"] = timed(client, long)
+
+    thread = threading.Thread(target=send_long)
+    thread.start()
+    time.sleep(delay_s)
+    result["short"] = timed(client, short)
+    thread.join()
+    return {
+        "short alone s": short_alone, "short behind long s": result["short"],
+        "short ratio": result["short"] / short_alone,
+        "long alone s": long_alone, "long with short s": result["long"],
+        "long ratio": result["long"] / long_alone,
+    }
+
+
+def throughput(client, files, references, concurrency: int, rounds: int) -> dict:
+    rows = {}
+    for clients in (1, concurrency):
+        print(f"[throughput] {clients} client(s), {len(files) * rounds} requests", file=sys.stderr)
+        records, wall = run_load(client, files, concurrency=clients, count=len(files) * rounds,
+                                 duration_s=None, options={"response_format": "json"})
+        summary = summarize(records, wall)
+        wer = score_records(records, references, flag_wer=1.0)
+        rows[clients] = {"rtfx": summary["rtfx"], "failed": summary["failed"],
+                         "wer": wer["overall_wer"], "wall s": wall,
+                         "p50 s": summary["latency_s"]["p50"], "max s": summary["latency_s"]["max"]}
+    rows["ratio"] = rows[concurrency]["rtfx"] / rows[1]["rtfx"]
+    return rows
+
+
+def streaming(openai_url: str, client: WhisperClient, path: Path) -> dict:
+    from openai import OpenAI
+
+    plain = client.transcribe(path)["text"]
+    sdk = OpenAI(base_url=openai_url, api_key="unused", timeout=900)
+    started = time.monotonic()
+    first, deltas, done = None, 0, None
+    with open(path, "rb") as f:
+        for event in sdk.audio.transcriptions.create(model="whisper-1", file=f, stream=True):
+            if event.type == "transcript.text.delta":
+                deltas += 1
+                first = first or time.monotonic() - started
+            elif event.type == "transcript.text.done":
+                done = event
+    total = time.monotonic() - started
+    return {"first delta s": first, "total s": total, "first / total": (first or total) / total,
+            "deltas": deltas, "done text equals non-streamed": done is not None and done.text == plain}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="*", help="audio files, directories or globs (default: samples/)")
     parser.add_argument("--model", default="base", help="tiny.en, base, ... (default: base)")
+    parser.add_argument("--audio", type=Path, default=REPO.parent / "shared" / "audio",
+                        help="the shared corpus with manifest.tsv (default: ../shared/audio)")
+    parser.add_argument("--precision", default="fp32", help="handler cpu_precision (default: fp32)")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16, help="batchSize of the batched service")
-    parser.add_argument("--max-batch-delay-ms", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=2, help="times each English file is sent per mode")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["head-of-line", "throughput", "streaming"])
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--language", help="send this language with every request (default: detect)")
     args = parser.parse_args(argv)
-    files = expand_audio_paths(args.paths or [REPO / "samples"])
-    configs = {
-        "batchSize 1": {"WHISPER_BATCH_SIZE": "1", "WHISPER_MAX_BATCH_DELAY_MS": "1"},
-        f"batchSize {args.batch_size}": {
-            "WHISPER_BATCH_SIZE": str(args.batch_size),
-            "WHISPER_MAX_BATCH_DELAY_MS": str(args.max_batch_delay_ms),
-        },
-    }
-    results = [measure(name, env, args, files) for name, env in configs.items()]
-    print(
-        f"\nmodel {args.model}, {args.concurrency} concurrent clients, {args.requests} requests, "
-        f"{len(files)} files, language {args.language or 'detected'}"
-    )
-    print(f"{'service':<14} {'ok':>4} {'failed':>6} {'req/s':>7} {'RTFx':>7} {'p50 s':>7} {'p90 s':>7}")
-    for r in results:
-        lat = r["latency_s"]
-        print(
-            f"{r['name']:<14} {r['ok']:>4} {r['failed']:>6} {r['requests_per_s']:>7.2f} {r['rtfx']:>7.2f} "
-            f"{(lat['p50'] or 0):>7.2f} {(lat['p90'] or 0):>7.2f}"
-        )
-    ratio = results[1]["rtfx"] / max(results[0]["rtfx"], 1e-9)
-    print(f"throughput ratio (batched / batchSize 1): {ratio:.2f}x")
-    return 0 if all(r["failed"] == 0 for r in results) else 1
+    if not (args.audio / "manifest.tsv").exists():
+        parser.error(f"no manifest.tsv in {args.audio}")
+
+    print(f"cpu: {cpu_description()}")
+    files = english_files(args.audio)
+    references = load_references(args.audio / "manifest.tsv")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
+        tmp = Path(tmp)
+        speech = [p for p in files if LONG_FILE not in str(p)]
+        long_320 = concatenate([args.audio / LONG_FILE] + speech, 320, tmp / "long_320s.flac")
+        long_170 = concatenate([args.audio / LONG_FILE, args.audio / "english/mfa_acoustic_corpus.wav"],
+                               165, tmp / "long_170s.flac")
+        seconds = {path: soundfile.info(str(path)).duration for path in (long_320, long_170)}
+        env = {"WHISPER_CPU_PRECISION": args.precision}
+        print(f"[service] starting {args.model} ({env})", file=sys.stderr)
+        with running_service(tmp / "service", model=args.model, extra_env=env, openai=True) as service:
+            client = WhisperClient(service.url, timeout=args.timeout)
+            client.transcribe(args.audio / "jfk/jfk.flac")  # warm
+            if "head-of-line" not in args.skip:
+                print("[head of line]", file=sys.stderr)
+                results["head of line"] = head_of_line(client, args.audio / SHORT_CLIP, long_320, 1.0)
+                results["head of line"]["long seconds"] = seconds[long_320]
+            if "throughput" not in args.skip:
+                results["throughput"] = throughput(client, files, references, args.concurrency, args.rounds)
+            if "streaming" not in args.skip:
+                print("[streaming]", file=sys.stderr)
+                results["streaming"] = streaming(service.openai_url, client, long_170)
+                results["streaming"]["seconds"] = seconds[long_170]
+
+    print(f"\nmodel {args.model}, cpu_precision {args.precision}; cpu: {cpu_description()}\n")
+    if "head of line" in results:
+        h = results["head of line"]
+        print("| head of line | alone s | with the other s | ratio | bar |\n| --- | --- | --- | --- | --- |")
+        print(f"| short clip (4.9 s), sent 1 s after the long upload | {h['short alone s']:.2f} | "
+              f"{h['short behind long s']:.2f} | {h['short ratio']:.2f}x | <= 3x |")
+        print(f"| long upload ({h['long seconds']:.0f} s) | {h['long alone s']:.2f} | "
+              f"{h['long with short s']:.2f} | {h['long ratio']:.2f}x | <= 1.2x |\n")
+    if "throughput" in results:
+        t = results["throughput"]
+        print("| throughput | RTFx | WER | p50 s | max s | failed |\n| --- | --- | --- | --- | --- | --- |")
+        for clients in (1, args.concurrency):
+            r = t[clients]
+            print(f"| {clients} client(s) | {r['rtfx']:.2f} | {100 * r['wer']:.2f}% | {r['p50 s']:.2f} | "
+                  f"{r['max s']:.2f} | {r['failed']} |")
+        print(f"\nthroughput ratio ({args.concurrency} clients / 1): **{t['ratio']:.2f}x** (bar: >= 1.7x)\n")
+    if "streaming" in results:
+        s = results["streaming"]
+        print(f"streaming (OpenAI SDK, {s['seconds']:.0f} s file): first delta at {s['first delta s']:.2f} s of "
+              f"{s['total s']:.2f} s ({100 * s['first / total']:.0f}%, bar: < 60%), {s['deltas']} deltas, "
+              f"done text equals non-streamed: {s['done text equals non-streamed']}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The batched decoder gives openai-whisper's decode() tokens, token for token, at
-temperature 0 on real 30 s windows (tiny.en), for a batch and for rows with prompts."""
+"""The continuous decode batch gives openai-whisper's decode() tokens, token for token, at
+temperature 0 on real 30 s windows (tiny.en): for a batch, for rows with prompts, and for
+rows that join a batch already decoding; sampled rows depend only on their own generator."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from conftest import SHARED_AUDIO as AUDIO
 whisper = pytest.importorskip("whisper")
 from whisper.tokenizer import get_tokenizer  # noqa: E402
 
-from decoding import TokenRules, decode_windows  # noqa: E402
+from decoding import DecodeBatch, TokenRules, decode_windows  # noqa: E402
 
 FILES = ["jfk/jfk.flac", "english/mfa_acoustic_corpus.wav", "english/LJ002-0020.wav",
          "librispeech/test-clean/1221-135766-0001.wav"]
@@ -64,13 +65,58 @@ def test_rows_with_prompts_of_different_lengths(model, mels):
 def test_sampling_at_temperature_keeps_timestamp_rules(model, mels):
     tokenizer = get_tokenizer(False, language="en", task="transcribe")
     rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
-    generator = torch.Generator().manual_seed(0)
+    generators = [torch.Generator().manual_seed(k) for k in range(2)]
     with torch.no_grad():
         features = model.encoder(mels[:2])
     ours = decode_windows(model, features, [tokenizer.sot_sequence] * 2, tokenizer, rules,
-                          temperature=1.0, generator=generator, max_new_tokens=60)
+                          temperatures=1.0, generators=generators, max_new_tokens=60)
     for row in ours:
         stamps = [t for t in row.tokens if t >= tokenizer.timestamp_begin]
         assert stamps and stamps[0] <= tokenizer.timestamp_begin + 50  # first <= 1.0 s
         assert stamps == sorted(stamps)
         assert row.temperature == 1.0 and len(row.tokens) <= 60
+
+
+def greedy_alone(model, features, initial, tokenizer, rules):
+    return [decode_windows(model, features[i:i + 1], [initial[i]], tokenizer, rules)[0].tokens
+            for i in range(len(initial))]
+
+
+def test_rows_joining_a_running_batch_decode_as_alone(model, mels):
+    """Rows added while others are mid-decode (different cache columns, prompts of other
+    lengths) and rows leaving early do not change anyone's tokens."""
+    tokenizer = get_tokenizer(False, language="en", task="transcribe")
+    rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
+    prompted = [tokenizer.sot_prev] + tokenizer.encode(" Kennedy, inaugural.") + list(tokenizer.sot_sequence)
+    initial = [tokenizer.sot_sequence, prompted, tokenizer.sot_sequence, prompted]
+    with torch.no_grad():
+        features = model.encoder(mels)
+    alone = greedy_alone(model, features, initial, tokenizer, rules)
+
+    batch = DecodeBatch(model, tokenizer, rules)
+    got = {}
+    batch.add(features[:1], initial[:1], [0.0], [None], [0])
+    got.update(batch.step(5))
+    batch.add(features[1:3], initial[1:3], [0.0, 0.0], [None, None], [1, 2])  # join mid-decode
+    got.update(batch.step(7))
+    batch.add(features[3:], initial[3:], [0.0], [None], [3])
+    while len(batch):
+        got.update(batch.step(3))
+    assert [got[i].tokens for i in range(4)] == alone
+
+
+def test_a_sampled_row_depends_only_on_its_own_generator(model, mels):
+    tokenizer = get_tokenizer(False, language="en", task="transcribe")
+    rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
+    with torch.no_grad():
+        features = model.encoder(mels)
+    initial = [tokenizer.sot_sequence] * 4
+
+    def sampled_first_row(neighbours: int):
+        generators = [torch.Generator().manual_seed(7)] + [torch.Generator().manual_seed(100 + k)
+                                                          for k in range(neighbours)]
+        temps = [0.8] + [1.0] * neighbours
+        return decode_windows(model, features[: 1 + neighbours], initial[: 1 + neighbours], tokenizer,
+                              rules, temperatures=temps, generators=generators, max_new_tokens=60)[0].tokens
+
+    assert sampled_first_row(0) == sampled_first_row(3)
