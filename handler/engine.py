@@ -94,6 +94,8 @@ class EngineConfig:
             budget = 16
             if cuda and dims is not None:
                 budget = gpu_window_budget(torch.device(self.device), dims)
+        if budget < 1:
+            raise ValueError(f"window_budget must be at least 1, not {budget}")
         return replace(
             self,
             fp16=cuda if self.fp16 is None else (self.fp16 and cuda),
@@ -121,6 +123,7 @@ class StepReport:
     requests: int  # in flight after the step
     streams: int
     first_window_waits: List[float] = field(default_factory=list)  # s from arrival, per request
+    fallback_windows: int = 0  # windows started again at a hotter temperature
 
 
 def words_on_speech(transcript: Transcript, audio: np.ndarray) -> Transcript:
@@ -363,8 +366,10 @@ class Engine:
             if s.request.first_window_at is None:
                 s.request.first_window_at = time.monotonic()
                 waits.append(s.request.first_window_at - s.request.arrived)
+        fallbacks = self.stats["fallback_windows"]
         if streams:
             self._start(streams)
+        fallbacks = self.stats["fallback_windows"] - fallbacks
         rows = len(self.runner.decoding)
         touched = []
         if rows:
@@ -386,7 +391,7 @@ class Engine:
         if self.on_step is not None:
             load = self.load()
             try:
-                self.on_step(StepReport(rows, elapsed, load["requests"], load["streams"], waits))
+                self.on_step(StepReport(rows, elapsed, load["requests"], load["streams"], waits, fallbacks))
             except Exception:
                 logger.debug("on_step failed", exc_info=True)
 

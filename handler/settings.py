@@ -37,9 +37,12 @@ class HandlerSettings:
         for name, value in values.items():
             cast = type(known[name].default)
             try:
-                kwargs[name] = _bool(value) if cast is bool else cast(value)
+                kwargs[name] = _bool(value) if cast is bool else _number(value, cast) if cast in (int, float) else cast(value)
             except (TypeError, ValueError):
                 raise ValueError(f"handler.{name} must be a {cast.__name__}, not {value!r}") from None
+            if cast in (int, float) and (kwargs[name] < 0 or (name in POSITIVE and kwargs[name] == 0)):
+                raise ValueError(f"handler.{name} must be {'above' if name in POSITIVE else 'at least'} 0, "
+                                 f"not {value!r}")
         settings = cls(**kwargs)
         if settings.cpu_precision not in CPU_PRECISIONS:
             raise ValueError(f"handler.cpu_precision must be one of {CPU_PRECISIONS}, "
@@ -56,6 +59,19 @@ class HandlerSettings:
     def cpu_bf16(self) -> Optional[bool]:
         """EngineConfig.cpu_bf16: None lets the engine choose (AMX present)."""
         return {"auto": None, "bf16": True, "fp32": False}[self.cpu_precision]
+
+
+POSITIVE = ("max_duration_s", "ffmpeg_timeout_s", "max_inflight_audio_s")  # 0 is not a limit
+
+
+def _number(value, cast):
+    """int or float from YAML or the environment; an int setting takes no fraction."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    number = float(value)
+    if cast is int and not number.is_integer():
+        raise ValueError(value)
+    return cast(number)
 
 
 def _bool(value) -> bool:

@@ -145,6 +145,7 @@ def _as_list(value) -> list:
 class WhisperHandler(BaseHandler):
     def initialize(self, context):
         started = time.perf_counter()
+        self.context = context  # metrics are emitted through it, also from the engine's thread
         properties = context.system_properties
         self.settings = settings = HandlerSettings.from_yaml((context.model_yaml_config or {}).get("handler"))
         self.model_name = settings.model
@@ -205,6 +206,8 @@ class WhisperHandler(BaseHandler):
         self._emit("InflightStreams", MetricTypes.GAUGE, step.streams)
         for wait in step.first_window_waits:
             self._emit("FirstWindowWait", MetricTypes.HISTOGRAM, wait * 1000)
+        if step.fallback_windows:
+            self._emit("FallbackCount", MetricTypes.COUNTER, step.fallback_windows)
 
     @staticmethod
     def _cpu_share(context) -> int:
@@ -257,8 +260,6 @@ class WhisperHandler(BaseHandler):
         self._emit("AudioSecondsProcessed", MetricTypes.COUNTER, transcript.duration)
         if transcript.duration > 0:
             self._emit("RealTimeFactor", MetricTypes.GAUGE, elapsed / transcript.duration)
-        self._emit("FallbackCount", MetricTypes.COUNTER,
-                   sum(1 for s in transcript.segments if s.temperature > 0))
         return body
 
     async def _stream(self, index, request_id, audio, options, context):

@@ -3,7 +3,7 @@
 # and the checkpoint whisper-models/whisper_<model>.pth.
 #
 # Environment: WHISPER_MODEL (default base), WHISPER_MODEL_STORE (default ./model-store),
-# WHISPER_DEVICE, WHISPER_WORKERS, WHISPER_BATCH_SIZE, WHISPER_MAX_BATCH_DELAY_MS.
+# WHISPER_DEVICE, WHISPER_WORKERS and the handler settings of handler/settings.py (HANDLER_ENV).
 # The archive is rebuilt only when one of its inputs changed.
 set -euo pipefail
 

@@ -273,12 +273,19 @@ def test_gpu_per_pod():
         assert any(t["key"] == "nvidia.com/gpu" for t in tolerations), obj["kind"]
 
 
-def test_environment_sets_model_batch_and_one_worker_per_gpu():
+def test_environment_sets_model_window_budget_and_one_worker_per_gpu():
     (container,) = containers(one("Deployment"))
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["WHISPER_MODEL"]
-    assert int(env["WHISPER_BATCH_SIZE"]) >= 1
+    assert int(env["WHISPER_WINDOW_BUDGET"]) >= 0  # 0: sized from the GPU's memory
     assert env["WHISPER_WORKERS"] == "1"
+    # every WHISPER_* variable is one the build reads (serve.sh, render_model_config.py)
+    script = REPO / "model-archiver" / "render_model_config.py"
+    spec = importlib.util.spec_from_file_location("render_model_config", script)
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    known = {"WHISPER_MODEL", "WHISPER_DEVICE", *render.ENV_OVERRIDES, *render.HANDLER_ENV}
+    assert {name for name in env if name.startswith("WHISPER_")} <= known
 
 
 def test_security_context_is_non_root(dockerfile):
@@ -329,12 +336,13 @@ def test_hpa_metric_comes_from_the_adapter_rule(adapter_rules, metrics_config):
     name = metric["pods"]["metric"]["name"]
     (rule,) = [r for r in adapter_rules if r["name"]["as"] == name]
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
-    # the series it reads are ones TorchServe exports (config/metrics.yaml, frontend counters)
-    counters = {m["name"] for m in metrics_config["ts_metrics"]["counter"]}
-    series = set(re.findall(r"\b(ts_[a-z_]+)\{", rule["seriesQuery"] + rule["metricsQuery"]))
-    assert series and series <= counters, series - counters
+    # it reads the handler's histogram of the wait for a first window (config/metrics.yaml):
+    # with the asynchronous worker, requests wait in the engine, not in TorchServe's queue
+    histograms = {m["name"] for m in metrics_config["model_metrics"]["histogram"]}
+    series = set(re.findall(r"\b([A-Za-z]+)_(?:sum|count)\{", rule["seriesQuery"] + rule["metricsQuery"]))
+    assert series == {"FirstWindowWait"} and series <= histograms
     assert re.match(rule["name"]["matches"], re.match(r"(\w+)\{", rule["seriesQuery"]).group(1))
-    assert f'model_name="{MODEL_NAME}"' in rule["metricsQuery"]
+    assert f'ModelName="{MODEL_NAME}"' in rule["metricsQuery"]
     assert "<<.LabelMatchers>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
 
 
@@ -407,8 +415,13 @@ def test_kserve_config_properties_has_what_kserve_needs(kserve_props, ts_props):
     assert snapshot["modelCount"] == len(snapshot["models"]) == 1
     (version,) = snapshot["models"][MODEL_NAME].values()
     assert version["marName"] == f"{MODEL_NAME}.mar" and version["defaultVersion"] is True
+    # the snapshot's values override the archive's model-config.yaml: they must be the same
+    model_config = yaml.safe_load((REPO / "config" / "model-config.yaml").read_text())
+    for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout"):
+        assert version[key] == model_config[key], key
     assert version["minWorkers"] == version["maxWorkers"] == 1
-    assert version["batchSize"] >= 1 and version["responseTimeout"] >= 900
+    assert version["batchSize"] == 1 and model_config["asyncCommunication"] is True
+    assert version["responseTimeout"] >= 900
     # the same limits as the plain server
     for key in ("max_request_size", "max_response_size", "default_response_timeout", "job_queue_size"):
         assert props[key] == ts_props[key], key
@@ -434,8 +447,11 @@ CUSTOM_METRICS = {
     # name: (type, unit, extra dimensions)
     "AudioSecondsProcessed": ("counter", "Seconds", []),
     "RealTimeFactor": ("gauge", None, []),
-    "WindowsPerBatch": ("histogram", None, []),
-    "QueueToStartLatency": ("histogram", "ms", []),
+    "InflightRequests": ("gauge", None, []),
+    "InflightStreams": ("gauge", None, []),
+    "WindowsPerStep": ("histogram", None, []),
+    "StepTime": ("histogram", "ms", []),
+    "FirstWindowWait": ("histogram", "ms", []),
     "FallbackCount": ("counter", None, []),
     "RequestErrors": ("counter", None, ["ErrorType"]),
 }
@@ -455,6 +471,16 @@ def test_metrics_config_declares_the_handler_metrics(metrics_config):
             assert entry["unit"] == unit, name
         # ModelName and Level first (what TorchServe's backend adds by default), in that order
         assert entry["dimensions"] == ["ModelName", "Level", *extra], name
+
+
+def test_every_metric_the_handler_emits_is_declared(metrics_config):
+    """TorchServe drops a metric that config/metrics.yaml does not declare."""
+    source = (REPO / "handler" / "whisper_handler.py").read_text()
+    emitted = set(re.findall(r'_emit\(\s*"(\w+)",\s*MetricTypes\.(\w+)', source))
+    assert {name for name, _ in emitted} == set(CUSTOM_METRICS)
+    model = metric_entries(metrics_config["model_metrics"])
+    for name, metric_type in emitted:
+        assert model[name][0] == metric_type.lower(), name
 
 
 def test_metrics_config_is_what_torchserve_accepts(metrics_config):

@@ -3,9 +3,18 @@
 import dataclasses
 
 import pytest
+from whisper.tokenizer import LANGUAGES
 
 from errors import InvalidOption, ModelNotLoaded
-from options import AUDIO_FIELDS, DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS, OPTIONS, TranscriptionOptions, parse_options
+from options import (
+    AUDIO_FIELDS,
+    DEFAULT_TEMPERATURE,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    OPTIONS,
+    TranscriptionOptions,
+    parse_options,
+)
 
 
 def parse(fields, model_name="base", multilingual=True, **kwargs):
@@ -160,9 +169,46 @@ def test_mode():
         parse({}, default_mode="fast")
 
 
-def test_stream():
-    assert parse({"stream": "false"}) == TranscriptionOptions()
-    assert "does not stream" in rejects({"stream": b"true"}, "stream")
+@pytest.mark.parametrize(
+    "value, expected", [(b"true", True), ("1", True), ("ON", True), ("false", False), ("0", False)]
+)
+def test_stream(value, expected):
+    assert parse({"stream": value}).stream is expected
+    assert parse({}).stream is False
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", ""])
+def test_bad_stream(value):
+    assert "true, false" in rejects({"stream": value}, "stream")
+
+
+@pytest.mark.parametrize("value, expected", [("0", 0), (b"42", 42), (" 7 ", 7), (str(MAX_SEED), MAX_SEED)])
+def test_seed(value, expected):
+    assert parse({"seed": value}).seed == expected
+    assert parse({}).seed == 0
+
+
+@pytest.mark.parametrize("value", ["-1", str(MAX_SEED + 1), "1.5", "lucky", ""])
+def test_bad_seed(value):
+    message = rejects({"seed": value}, "seed")
+    assert f"from 0 to {MAX_SEED}" in message
+
+
+def test_language_must_be_one_of_the_models_languages():
+    languages = tuple(LANGUAGES)[:99]  # what a model without Cantonese (large-v3 added it) knows
+    assert "yue" in LANGUAGES and "yue" not in languages
+    assert parse({"language": "zh"}, languages=languages).language == "zh"
+    message = rejects({"language": "yue"}, "language", languages=languages)
+    assert "allowed values" in message and "(en, zh, de" in message and ", yue" not in message
+    assert rejects({"language": "cantonese"}, "language", languages=languages)
+    # with the full list the same code is accepted
+    assert parse({"language": "yue"}, languages=tuple(LANGUAGES)).language == "yue"
+
+
+def test_english_only_languages_list():
+    assert parse({"language": "en"}, languages=("en",)).language == "en"
+    message = rejects({"language": "de"}, "language", languages=("en",))
+    assert "this model is English-only, allowed values: en" in message
 
 
 def test_scalar_option_given_twice():

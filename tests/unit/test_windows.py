@@ -1,28 +1,23 @@
 """Pure window logic: segment parsing, seeking without losing or repeating words at
-window edges, fallback and silence checks, splitting at pauses, packing and split-back."""
+window edges, fallback and silence checks, splitting at pauses."""
 
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2] / "handler")]
 
 from decoding import DecodedWindow  # noqa: E402
+from stream import stream_clips  # noqa: E402
 from windows import (  # noqa: E402
     N_FRAMES,
-    PackedWord,
     Thresholds,
     best_attempt,
     is_silence,
     needs_fallback,
-    pack_audio,
     parse_window,
-    plan_packs,
     split_points,
-    split_words,
-    stream_clips,
 )
 
 TS = 50363  # tiny.en's <|0.00|>; only the offset matters here
@@ -136,35 +131,3 @@ def test_split_points_fall_in_pauses():
     assert clips[0][0] == 0 and clips[-1][1] == len(audio) // 160
     assert all(a[1] == b[0] for a, b in zip(clips, clips[1:]))
 
-
-def test_plan_packs_fit_the_window_and_keep_every_clip_once():
-    durations = [3.0, 12.0, 25.0, 5.0, 9.0, 2.0, 40.0, 1.0]
-    packs = plan_packs(durations, max_seconds=28.0, gap=2.0)
-    assert sorted(i for p in packs for i in p) == list(range(len(durations)))
-    for p in packs:
-        if len(p) > 1:
-            assert sum(durations[i] for i in p) + 2.0 * (len(p) - 1) <= 28.0
-    assert [6] in packs  # too long to share a window
-
-
-def test_pack_audio_layout_and_split_back():
-    clips = [tone(2.0), tone(3.0), tone(1.0)]
-    audio, layout = pack_audio(clips, gap=2.0)
-    assert len(audio) == 16000 * (2 + 2 + 3 + 2 + 1)
-    assert layout.starts == [0.0, 4.0, 9.0] and layout.ends == [2.0, 7.0, 10.0]
-    words = [
-        PackedWord(" one", 0.1, 0.5, 0.9, 0), PackedWord(" two", 1.4, 2.3, 0.9, 0),  # runs into the gap
-        PackedWord(" three", 4.2, 4.8, 0.9, 1), PackedWord(" four", 6.6, 7.4, 0.9, 1),
-        PackedWord(" five", 9.1, 9.8, 0.9, 1),
-    ]
-    split = split_words(words, layout)
-    assert [[w.word for w in c] for c in split.words] == [[" one", " two"], [" three", " four"], [" five"]]
-    assert split.words[1][0].start == pytest.approx(0.2) and split.words[0][1].end == 2.0  # clipped
-    assert split.ambiguous == []
-
-
-def test_split_back_flags_words_across_a_gap_and_empty_clips():
-    _, layout = pack_audio([tone(2.0), tone(3.0), tone(1.0)], gap=2.0)
-    words = [PackedWord(" long", 1.5, 4.5, 0.5, 0), PackedWord(" five", 9.1, 9.8, 0.9, 1)]
-    split = split_words(words, layout)
-    assert split.ambiguous == [0, 1]  # " long" straddles the first gap; clip 1 also empty

@@ -1,0 +1,311 @@
+"""handler/stream.py: the Stream and Request state machines, driven by synthetic decoded
+windows (no model): seeking, cut streams, fallback, silence, prompts, word timing, the
+order in which a request's segments are handed out, and its final transcript."""
+
+import numpy as np
+import pytest
+
+from whisper.tokenizer import get_tokenizer
+
+from decoding import DecodedWindow
+from options import TranscriptionOptions
+from stream import Request, Stream, stream_clips
+from windows import Thresholds
+
+TOKENIZER = get_tokenizer(False)  # English-only, as tiny.en
+T0 = TOKENIZER.timestamp_begin
+THRESHOLDS = Thresholds()
+SCHEDULE = (0.0, 0.2, 0.4)
+
+
+def ts(seconds: float) -> int:
+    """The timestamp token of a time inside the window (0.02 s steps)."""
+    return T0 + round(seconds / 0.02)
+
+
+def seg(start: float, text: str, end: float):
+    return [ts(start), *TOKENIZER.encode(text), ts(end)]
+
+
+def open_seg(start: float, text: str):
+    """A segment the decoder never closed (it ran into the window's end)."""
+    return [ts(start), *TOKENIZER.encode(text)]
+
+
+def decoded(*pieces, avg_logprob=-0.2, no_speech=0.1, temperature=0.0, compression=1.5):
+    tokens = [t for piece in pieces for t in piece]
+    return DecodedWindow(tokens, TOKENIZER.decode(tokens), avg_logprob * len(tokens), avg_logprob,
+                         no_speech, temperature, compression)
+
+
+def stream(content_frames=6000, clip=None, temperatures=SCHEDULE, **kwargs) -> Stream:
+    start, end = clip or (0, content_frames)
+    return Stream(request=None, piece=0, clip_start=start, clip_end=end,
+                  content_frames=content_frames, temperatures=temperatures, **kwargs)
+
+
+def apply(s: Stream, result, words=None):
+    """One window through the stream as the engine does it; `words` (per segment) stand in
+    for the runner's word timestamps."""
+    chosen = s.record(result, THRESHOLDS)
+    assert chosen is not None, "the window asked for a fallback"
+    proposal = s.propose(chosen, THRESHOLDS, TOKENIZER)
+    if words is not None:
+        for segment, ws in zip(proposal.segments, words):
+            segment["words"] = [dict(word=w, start=a, end=b, probability=0.9) for w, a, b in ws]
+    return proposal, s.commit(proposal)
+
+
+def spans(segments):
+    return [(round(d["start"], 2), round(d["end"], 2), d["text"]) for d in segments]
+
+
+# ---------------------------------------------------------------- seeking
+
+
+def test_seek_moves_to_the_end_of_the_last_complete_segment():
+    s = stream()
+    proposal, new = apply(s, decoded(seg(0, " Hello", 2.0), seg(2.5, " world.", 4.0), open_seg(4.2, " And")))
+    assert spans(new) == [(0.0, 2.0, " Hello"), (2.5, 4.0, " world.")]  # " And" is dropped ...
+    assert proposal.next_seek == s.seek == 400  # ... and decoded again from 4.0 s
+    assert s.all_tokens == seg(0, " Hello", 2.0) + seg(2.5, " world.", 4.0)
+    # the next window starts at 4.0 s: its times are absolute
+    _, new = apply(s, decoded(seg(0.2, " And then", 1.5), open_seg(2.0, " more")))
+    assert spans(new) == [(4.2, 5.5, " And then")] and new[0]["seek"] == 400
+    assert s.seek == 400 + 150 and s.windows == 2 and not s.done
+
+
+def test_single_timestamp_ending_seeks_a_full_window():
+    s = stream(content_frames=6000, seek=1000)
+    # text and then one timestamp: the window's speech ended there
+    _, new = apply(s, decoded(seg(0, " Hello", 2.0), seg(2.5, " world.", 4.0)))
+    assert spans(new) == [(10.0, 12.0, " Hello"), (12.5, 14.0, " world.")]
+    assert s.seek == 1000 + 3000  # nothing is said after the last timestamp
+    # the last window is shorter than 30 s: the seek goes to the end and the stream is done
+    assert s.window_size == 2000
+    apply(s, decoded(seg(0, " Bye.", 1.0)))
+    assert s.seek == 6000 and s.done
+
+
+def test_cut_stream_keeps_segments_centred_before_the_cut():
+    s = stream(content_frames=6000, clip=(0, 4000))
+    assert s.window_size == 3000  # windows are not truncated at the cut
+    _, new = apply(s, decoded(seg(0, " One", 10.0), seg(10.0, " two", 25.0), open_seg(26.0, " three")))
+    assert len(new) == 2 and s.seek == 2500 and not s.done  # all before the cut: seeks as usual
+    proposal, new = apply(s, decoded(
+        seg(0, " Four", 10.0),  # 25-35 s
+        seg(10.0, " five", 15.6),  # 35-40.6 s: ends after the cut, centred before it: kept
+        seg(15.6, " six", 20.0),  # 40.6-45 s: centred after the cut: the next stream's
+        open_seg(21.0, " seven"),
+    ))
+    assert spans(new) == [(25.0, 35.0, " Four"), (35.0, 40.6, " five")]
+    # at or past the cut: this stream is done, the next one starts at 40 s
+    assert proposal.reached_cut and s.seek >= 4000 and s.done
+
+
+def test_cut_stream_is_not_pulled_back_before_the_cut_by_word_timestamps():
+    # a dropped segment would otherwise be decoded by this stream and by the next one
+    s = stream(content_frames=6000, clip=(1000, 2000), word_timestamps=True)
+    assert s.seek == 1000
+    proposal, _ = apply(
+        s, decoded(seg(0, " One", 8.0), seg(9.5, " two", 11.5), open_seg(12.0, " three")),
+        words=[[(" One", 10.5, 17.0)]],  # for the one segment kept: " two" is centred after 20 s
+    )
+    assert proposal.reached_cut and len(s.segments) == 1
+    assert s.seek >= 2000 and s.done  # not back at the last kept word's end (17.0 s)
+    assert s.last_speech_timestamp == 17.0
+
+
+def test_stream_of_a_later_piece_starts_at_its_clip():
+    s = stream(content_frames=6000, clip=(2000, 6000))
+    assert s.seek == 2000 and s.window_size == 3000
+    _, new = apply(s, decoded(seg(0, " Hi", 1.0), open_seg(1.5, " there")))
+    assert spans(new) == [(20.0, 21.0, " Hi")] and s.seek == 2100
+
+
+# ---------------------------------------------------------------- fallback and silence
+
+
+def test_failed_window_is_decoded_again_one_temperature_hotter():
+    s = stream()
+    assert s.temperature == 0.0
+    assert s.record(decoded(seg(0, " Hm", 1.0), avg_logprob=-1.5), THRESHOLDS) is None
+    assert (s.level, s.temperature) == (1, 0.2)
+    assert s.record(decoded(seg(0, " Hm", 1.0), compression=2.6, temperature=0.2), THRESHOLDS) is None
+    assert (s.level, s.temperature) == (2, 0.4)
+    good = decoded(seg(0, " Hello", 1.0), temperature=0.4)
+    assert s.record(good, THRESHOLDS) is good
+    assert (s.level, s.attempts) == (0, [])  # the next window starts cold
+
+
+def test_at_the_last_temperature_the_best_attempt_is_kept():
+    s = stream()
+    cold = decoded(seg(0, " Hello", 1.0), avg_logprob=-1.1)
+    looping = decoded(seg(0, " la la", 1.0), avg_logprob=-0.3, compression=3.0, temperature=0.2)
+    hot = decoded(seg(0, " Yellow", 1.0), avg_logprob=-2.5, temperature=0.4)  # whisper keeps this
+    assert s.record(cold, THRESHOLDS) is None and s.record(looping, THRESHOLDS) is None
+    assert s.record(hot, THRESHOLDS) is cold  # most probable of those not too repetitive
+    assert (s.level, s.attempts) == (0, [])
+    _, new = apply(s, decoded(seg(0, " Next", 1.0)))
+    assert new[0]["temperature"] == 0.0
+
+
+def test_a_single_temperature_never_falls_back():
+    s = stream(temperatures=(0.7,))
+    bad = decoded(seg(0, " Hm", 1.0), avg_logprob=-3.0, temperature=0.7)
+    assert s.record(bad, THRESHOLDS) is bad and s.level == 0
+
+
+def test_silent_window_moves_a_full_window_without_segments():
+    s = stream(content_frames=6000, seek=1000, initial_prompt=[11, 12])
+    silence = decoded(seg(0, " you", 1.0), avg_logprob=-1.5, no_speech=0.9)
+    assert s.record(silence, THRESHOLDS) is silence  # silence is not sampled hotter
+    proposal = s.propose(silence, THRESHOLDS, TOKENIZER)
+    assert proposal.silent and proposal.segments == [] and proposal.next_seek == 4000
+    assert s.commit(proposal) == []
+    assert (s.seek, s.segments, s.all_tokens, s.windows) == (4000, [], [11, 12], 1)
+    assert s.prompt(448) == [11, 12]  # a skipped window does not reset the prompt
+
+
+def test_confident_text_is_not_silence():
+    s = stream()
+    proposal, new = apply(s, decoded(seg(0, " Yes.", 1.0), avg_logprob=-0.5, no_speech=0.9))
+    assert not proposal.silent and spans(new) == [(0.0, 1.0, " Yes.")]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_prompt_is_the_previous_text_until_a_hot_window_resets_it():
+    s = stream(initial_prompt=[11, 12])
+    assert s.prompt(448) == [11, 12]
+    apply(s, decoded(seg(0, " One", 1.0), open_seg(2.0, " x")))
+    assert s.prompt(448) == [11, 12, *seg(0, " One", 1.0)]
+    apply(s, decoded(seg(0, " Two", 1.0), open_seg(2.0, " x"), temperature=0.5))  # not above 0.5
+    assert s.prompt(448)[-len(seg(0, " Two", 1.0)):] == seg(0, " Two", 1.0)
+    apply(s, decoded(seg(0, " Three", 1.0), open_seg(2.0, " x"), temperature=0.6))
+    assert s.prompt(448) == []
+    apply(s, decoded(seg(0, " Four", 1.0), open_seg(2.0, " x")))
+    assert s.prompt(448) == seg(0, " Four", 1.0)  # only text after the reset
+
+
+def test_without_conditioning_only_the_first_window_gets_the_initial_prompt():
+    s = stream(initial_prompt=[11, 12], condition_on_previous_text=False)
+    assert s.prompt(448) == [11, 12]
+    apply(s, decoded(seg(0, " One", 1.0), open_seg(2.0, " x")))
+    assert s.prompt(448) == []
+    apply(s, decoded(seg(0, " Two", 1.0), open_seg(2.0, " x")))
+    assert s.prompt(448) == []
+
+
+def test_prompt_is_at_most_half_the_text_context():
+    s = stream(initial_prompt=list(range(1, 1001)))
+    assert s.prompt(448) == list(range(1001 - 223, 1001))  # 448 // 2 - 1 = 223 newest tokens
+    s.prompt_reset_since = 900
+    assert s.prompt(448) == list(range(901, 1001))
+
+
+# ---------------------------------------------------------------- word timestamps
+
+
+WINDOW = (seg(0, " Hello", 2.0), seg(2.5, " world.", 4.0), open_seg(4.2, " And"))
+WORDS = [[(" Hello", 0.3, 1.2)], [(" world.", 2.6, 3.7)]]
+
+
+def test_with_words_the_seek_goes_to_the_last_words_end():
+    s = stream(word_timestamps=True)
+    _, new = apply(s, decoded(*WINDOW), words=WORDS)
+    assert s.seek == 370  # not 400, the closing timestamp
+    assert s.last_speech_timestamp == 3.7
+    assert new[1]["words"][0]["word"] == " world."
+
+
+def test_without_word_timestamps_words_do_not_move_the_seek():
+    s = stream(word_timestamps=False)
+    apply(s, decoded(*WINDOW), words=WORDS)
+    assert s.seek == 400 and s.last_speech_timestamp == 0.0
+
+
+def test_with_words_a_single_timestamp_ending_still_seeks_a_full_window():
+    s = stream(word_timestamps=True)
+    apply(s, decoded(seg(0, " Hello", 2.0)), words=[[(" Hello", 0.3, 1.2)]])
+    assert s.seek == 3000 and s.last_speech_timestamp == 1.2
+
+
+def test_a_word_end_before_the_window_start_does_not_move_the_seek():
+    s = stream(word_timestamps=True, seek=1000)
+    apply(s, decoded(seg(0, " Hello", 2.0), open_seg(3.0, " x")), words=[[(" Hello", 9.0, 9.5)]])
+    assert s.seek == 1200
+
+
+def test_instant_and_textless_segments_are_kept_empty():
+    s = stream()
+    _, new = apply(s, decoded(seg(0, " Hi", 0.0), seg(0.5, " ", 1.0), seg(1.0, " Yes.", 2.0), open_seg(3.0, " x")))
+    assert [(d["text"], d["tokens"], d.get("words")) for d in new[:2]] == [("", [], []), ("", [], [])]
+    assert s.all_tokens == seg(1.0, " Yes.", 2.0)
+
+
+# ---------------------------------------------------------------- requests
+
+
+def two_piece_request():
+    r = Request(id="r", audio=np.zeros(16000 * 40, dtype=np.float32), options=TranscriptionOptions(),
+                language="en", content_frames=4000)
+    r.streams = [Stream(request=r, piece=k, clip_start=a, clip_end=b, content_frames=4000,
+                        temperatures=SCHEDULE, initial_prompt=[11])
+                 for k, (a, b) in enumerate(stream_clips(4000, [2000]))]
+    return r
+
+
+def texts(segments):
+    return [d["text"] for d in segments]
+
+
+def test_ready_segments_wait_for_the_earlier_pieces():
+    r = two_piece_request()
+    first, second = r.streams
+    apply(second, decoded(seg(0, " C", 1.0), open_seg(2.0, " x")))
+    assert r.ready_segments() == [] and r.segment_count() == 0  # piece 0 may still say things first
+    apply(first, decoded(seg(0, " A", 1.0), open_seg(2.0, " x")))
+    assert texts(r.ready_segments()) == [" A"] and r.segment_count() == 1
+    assert r.ready_segments() == []  # nothing new
+    apply(first, decoded(seg(0, " B", 1.0)))  # single ending: piece 0 is done
+    assert first.done and not r.done
+    assert texts(r.ready_segments()) == [" B", " C"] and r.segment_count() == 3
+    apply(second, decoded(seg(0, " D", 1.0)))
+    assert texts(r.ready_segments()) == [" D"] and r.done
+
+
+def test_transcript_puts_pieces_in_order_with_ids_from_zero():
+    r = two_piece_request()
+    first, second = r.streams
+    apply(second, decoded(seg(0, " Three.", 1.0)))
+    apply(first, decoded(seg(0, " One,", 1.0), seg(1.0, " two.", 2.0)))
+    second.segments[0]["words"] = [dict(word=" Three.", start=20.1, end=20.8, probability=0.5)]
+    t = r.transcript(TOKENIZER, want_words=True)
+    assert [(x.id, x.text, x.start) for x in t.segments] == [(0, " One,", 0.0), (1, " two.", 1.0), (2, " Three.", 20.0)]
+    assert t.text == " One, two. Three."  # without the initial prompt
+    assert (t.language, t.duration, t.task) == ("en", 40.0, "transcribe")
+    assert t.segments[2].words[0].word == " Three." and t.segments[0].words == []
+    assert r.transcript(TOKENIZER, want_words=False).segments[2].words is None
+
+
+def test_request_with_an_error_is_done():
+    r = two_piece_request()
+    assert not r.done
+    r.error = RuntimeError("x")
+    assert r.done
+
+
+@pytest.mark.parametrize(
+    "content, cuts, clips",
+    [
+        (1000, [], [(0, 1000)]),
+        (1000, [300, 700], [(0, 300), (300, 700), (700, 1000)]),
+        (1000, [0, 1000, 1500], [(0, 1000)]),  # cuts at or beyond the ends are ignored
+        (1000, [400, 400], [(0, 400), (400, 1000)]),  # no empty clip
+        (0, [], []),
+    ],
+)
+def test_stream_clips(content, cuts, clips):
+    assert stream_clips(content, cuts) == clips
