@@ -426,7 +426,8 @@ class Engine:
         languages: List[Optional[str]] = [s.request.language for s in streams]
         unknown = [i for i, lang in enumerate(languages) if lang is None]
         if unknown:
-            detected = runner.detect_language(features[unknown])
+            detected = runner.detect_language(features[unknown],
+                                              [streams[i].request.options.languages for i in unknown])
             first: Dict[int, str] = {}
             for i, lang in zip(unknown, detected):  # the request's first row decides
                 languages[i] = first.setdefault(id(streams[i].request), lang)

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from whisper.tokenizer import LANGUAGES
+
 CONTENT_TYPES = {
     "json": "application/json",
     "verbose_json": "application/json",
@@ -93,21 +95,33 @@ def _rounded(value: float) -> float:
     return round(float(value), 3)
 
 
-def render_json(transcript: Transcript) -> dict:
-    """The service's default shape: text plus language, duration and plain segments."""
+def usage(transcript: Transcript) -> dict:
+    """OpenAI's usage object for audio models billed by duration."""
+    return {"type": "duration", "seconds": _rounded(transcript.duration)}
+
+
+def language_name(code: Optional[str]) -> Optional[str]:
+    """OpenAI's whisper-1 answers the language's English name ("english"), not its code."""
+    return LANGUAGES.get(code, code) if code else code
+
+
+def render_json(transcript: Transcript, language_names: bool = False) -> dict:
+    """The service's default shape: text plus language, duration, plain segments and usage."""
     return {
         "text": transcript.text,
-        "language": transcript.language,
+        "language": language_name(transcript.language) if language_names else transcript.language,
         "duration": _rounded(transcript.duration),
         "segments": [
             {"id": s.id, "start": _rounded(s.start), "end": _rounded(s.end), "text": s.text}
             for s in transcript.segments
         ],
+        "usage": usage(transcript),
     }
 
 
-def render_verbose_json(transcript: Transcript, word_timestamps: bool = False) -> dict:
-    """OpenAI's verbose_json: segments with decoding statistics, and words when asked."""
+def render_verbose_json(transcript: Transcript, word_timestamps: bool = False,
+                        language_names: bool = False) -> dict:
+    """OpenAI's verbose_json: segments with decoding statistics, words when asked, usage."""
     segments = []
     for s in transcript.segments:
         segments.append(
@@ -126,10 +140,11 @@ def render_verbose_json(transcript: Transcript, word_timestamps: bool = False) -
         )
     body = {
         "task": transcript.task,
-        "language": transcript.language,
+        "language": language_name(transcript.language) if language_names else transcript.language,
         "duration": _rounded(transcript.duration),
         "text": transcript.text,
         "segments": segments,
+        "usage": usage(transcript),
     }
     if word_timestamps:
         # OpenAI lists words at the top level, across all segments.
@@ -145,11 +160,12 @@ def render(transcript: Transcript, options) -> Tuple[bytes, str]:
     """Body and content type for `options.response_format` (a TranscriptionOptions)."""
     response_format = getattr(options, "response_format", "json")
     content_type = CONTENT_TYPES[response_format]
+    names = bool(getattr(options, "openai_api", False))  # OpenAI's routes: language names
     if response_format == "json":
-        body = json.dumps(render_json(transcript), ensure_ascii=False)
+        body = json.dumps(render_json(transcript, names), ensure_ascii=False)
     elif response_format == "verbose_json":
         words = bool(getattr(options, "word_timestamps", False))
-        body = json.dumps(render_verbose_json(transcript, words), ensure_ascii=False)
+        body = json.dumps(render_verbose_json(transcript, words, names), ensure_ascii=False)
     elif response_format == "text":
         body = transcript.text.strip() + "\n"
     elif response_format == "srt":

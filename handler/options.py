@@ -14,9 +14,16 @@ and this service's own: word_timestamps (true/false, same as granularity "word")
 same request always gets the same answer). Any other name is rejected with the list of
 accepted ones, so a typo never silently falls back to a default.
 
+OpenAI's newer parameters: `languages[]` (codes the language is detected among) is
+supported; `chunking_strategy` is accepted as "auto" (the server's own segmentation);
+`include[]`, `keywords[]`, `known_speaker_names[]` and `known_speaker_references[]` are
+rejected with a 400 saying Whisper models do not support them (UNSUPPORTED).
+
 temperature: one value means exactly that temperature, no fallback; a comma-separated list
-is a fallback schedule; absent means openai-whisper's schedule (0.0, 0.2, ..., 1.0). Word
-timestamps are on if either word_timestamps is true or the granularities include "word".
+is a fallback schedule; absent means openai-whisper's schedule (0.0, 0.2, ..., 1.0). On
+OpenAI's routes (`openai_api`), 0 means that schedule too, as OpenAI's reference says
+("use log probability to automatically increase the temperature"). Word timestamps are on
+if either word_timestamps is true or the granularities include "word".
 """
 
 from dataclasses import dataclass
@@ -47,7 +54,11 @@ OPTIONS = (
     "mode",
     "stream",
     "seed",
+    "languages",
+    "chunking_strategy",
 )
+# OpenAI parameters for its newer models that Whisper cannot honour: a clear 400, not "unknown"
+UNSUPPORTED = ("include", "keywords", "known_speaker_names", "known_speaker_references")
 MAX_SEED = 2**32 - 1
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -65,6 +76,8 @@ class TranscriptionOptions:
     mode: str = "batched"
     stream: bool = False  # server-sent events: a delta per segment, then the whole text
     seed: int = 0  # seeds the sampling at temperatures above 0 (fixed by default)
+    languages: Tuple[str, ...] = ()  # detect the language among these codes only; () = all
+    openai_api: bool = False  # the request came through OpenAI's routes (the proxy says so)
 
 
 def _text(name: str, value) -> str:
@@ -160,12 +173,14 @@ def parse_options(
     multilingual: bool,
     languages: Optional[Sequence[str]] = None,
     default_mode: str = "batched",
+    openai_api: bool = False,
 ) -> TranscriptionOptions:
     """Validate one request's fields (see the module docstring) into TranscriptionOptions.
 
     languages: the loaded model's own language codes (default: all of Whisper's for a
     multilingual model, "en" for an English-only one); default_mode is the server's
-    configured mode, used when the request names none.
+    configured mode, used when the request names none; openai_api: the request came
+    through OpenAI's routes (set by the proxy, never by a request field).
     """
     if languages is None:
         languages = tuple(LANGUAGES) if multilingual else ("en",)
@@ -176,6 +191,11 @@ def parse_options(
         if key in AUDIO_FIELDS:
             continue
         name = key[:-2] if key.endswith("[]") else key
+        if name in UNSUPPORTED:
+            raise InvalidOption(
+                name, f"Option '{key}' is not supported for Whisper models (OpenAI offers it for "
+                f"its newer transcription models only)."
+            )
         if name not in OPTIONS:
             raise InvalidOption(
                 name, f"Unknown option '{key}'; accepted options: {', '.join(OPTIONS)}."
@@ -191,7 +211,7 @@ def parse_options(
             raise InvalidOption(name, f"Option '{name}' was given more than once.")
         return given[0]
 
-    kwargs = {"mode": default_mode}
+    kwargs = {"mode": default_mode, "openai_api": openai_api}
     if (value := one("language")) is not None:
         kwargs["language"] = _language(value, languages)
     if (value := one("task")) is not None:
@@ -210,6 +230,8 @@ def parse_options(
         kwargs["prompt"] = value or None
     if (value := one("temperature")) is not None:
         kwargs["temperature"] = _temperature(value)
+        if openai_api and kwargs["temperature"] == (0.0,):
+            kwargs["temperature"] = DEFAULT_TEMPERATURE
     if (value := one("response_format")) is not None:
         kwargs["response_format"] = _choice("response_format", value, RESPONSE_FORMATS)
     if (value := one("mode")) is not None:
@@ -220,6 +242,19 @@ def parse_options(
         kwargs["stream"] = _bool("stream", value)
     if (value := one("seed")) is not None:
         kwargs["seed"] = _seed(value)
+    if (value := one("chunking_strategy")) is not None and value.lower() != "auto":
+        raise InvalidOption(
+            "chunking_strategy", f"Invalid chunking_strategy '{value}'; allowed values: auto "
+            "(this server's own segmentation)."
+        )
+    hints = []
+    for value in values.get("languages", []):
+        for item in value.split(","):
+            code = _language(item.strip(), languages) if item.strip() else None
+            if code is not None and code not in hints:  # "auto" hints nothing
+                hints.append(code)
+    if hints:
+        kwargs["languages"] = tuple(hints)
 
     granularities = []
     for value in values.get("timestamp_granularities", []):

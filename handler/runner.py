@@ -131,10 +131,11 @@ class ModelRunner:
         return torch.cat([self.model.encoder(mel[i: i + step]) for i in range(0, len(mel), step)])
 
     @torch.no_grad()
-    def detect_language(self, features: torch.Tensor) -> List[str]:
-        """The most probable of the model's languages for each window's encoder output."""
+    def detect_language(self, features: torch.Tensor, candidates: Sequence[Sequence[str]]) -> List[str]:
+        """For each window's encoder output, the most probable of its candidate languages
+        (an empty sequence: all of the model's)."""
         _, probs = self.model.detect_language(features, self.tokenizer(None, "transcribe"))
-        return [max(p, key=p.get) for p in probs]
+        return [max(allowed or p, key=p.get) for p, allowed in zip(probs, candidates)]
 
     def start(self, features: torch.Tensor, initial_tokens: Sequence[Sequence[int]],
               temperatures: Sequence[float], seeds: Sequence[int], tags: Sequence) -> None:

@@ -37,13 +37,15 @@ from audio import decode_audio
 from checkpoint import describe, load_whisper
 from engine import Engine, EngineConfig, StepReport
 from errors import InternalError, InvalidAudio, Overloaded, RequestError
-from formats import error_body, render
+from formats import error_body, render, usage
 from options import AUDIO_FIELDS, parse_options
 from settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
 
 OPTION_HEADER_PREFIX = "x-whisper-"
+# Set by the nginx proxy on OpenAI's routes (config/nginx-openai.conf): answer in OpenAI's shapes.
+OPENAI_ROUTE_HEADER = "x-openai-route"
 EVENT_STREAM = "text/event-stream"
 
 
@@ -225,10 +227,12 @@ class WhisperHandler(BaseHandler):
         started = time.perf_counter()
         streaming = False
         try:
+            headers = context.get_all_request_header(index) or {}
             options = parse_options(
-                request_options(request, context.get_all_request_header(index)),
+                request_options(request, headers),
                 model_name=self.model_name, multilingual=self.model.is_multilingual,
                 languages=self.engine.languages, default_mode=self.settings.default_mode,
+                openai_api=any(str(k).lower() == OPENAI_ROUTE_HEADER for k in headers),
             )
             audio = await loop.run_in_executor(self.executor, partial(
                 decode_audio, audio_bytes(request), max_duration_s=self.settings.max_duration_s,
@@ -306,4 +310,4 @@ def delta_event(segment) -> dict:
 
 def done_event(transcript) -> dict:
     return {"type": "transcript.text.done", "text": transcript.text,
-            "usage": {"type": "duration", "seconds": round(transcript.duration, 3)}}
+            "usage": usage(transcript)}

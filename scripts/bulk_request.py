@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from tqdm import tqdm
 
@@ -49,7 +49,7 @@ class Record:
 
     index: int
     file: str
-    status: str  # HTTP status code, or "timeout" / "connection_error" when none came back
+    status: Union[int, str]  # HTTP status code, or "timeout" / "connection_error" when none came back
     latency_s: float
     audio_duration_s: Optional[float]
     text_length: Optional[int]
@@ -62,7 +62,7 @@ class Record:
 
     @property
     def ok(self) -> bool:
-        return self.status == "200"
+        return self.status == 200
 
 
 RECORD_FIELDS = [f.name for f in fields(Record)]
@@ -101,7 +101,7 @@ def send_one(client: WhisperClient, index: int, path: Path, payload: bytes, dura
     try:
         response = client.post(payload, filename=path.name, **options)  # returns with the whole body read
         latency = time.monotonic() - started
-        status = str(response.status_code)
+        status = response.status_code
         sent = len(response.request.body or b"")
         if response.ok:
             text, language = response_text(response, options.get("response_format"))
@@ -109,7 +109,7 @@ def send_one(client: WhisperClient, index: int, path: Path, payload: bytes, dura
             error = error_from_response(response).message
     except ClientError as e:
         latency = time.monotonic() - started
-        status, error = str(e.code), e.message
+        status, error = (e.status if e.status is not None else str(e.code)), e.message
     return Record(
         index=index,
         file=str(path),
@@ -217,7 +217,7 @@ def summarize(records: list[Record], wall_s: float) -> dict:
         "requests": len(records),
         "ok": len(ok),
         "failed": len(records) - len(ok),
-        "by_status": dict(sorted(Counter(r.status for r in records).items())),
+        "by_status": dict(sorted(Counter(r.status for r in records).items(), key=lambda kv: str(kv[0]))),
         "latency_s": latency_stats([r.latency_s for r in ok]),
         "wall_s": wall_s,
         "requests_per_s": len(records) / wall,

@@ -26,7 +26,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from tqdm import tqdm
 
@@ -69,14 +69,14 @@ class Arrival:
     file: str
     planned_at: float  # seconds from the start of the run
     sent_at: Optional[float] = None  # later than planned_at when the pool was full
-    status: str = "not_sent"  # HTTP status, "timeout", "connection_error" or "not_sent"
+    status: Union[int, str] = "not_sent"  # HTTP status, "timeout", "connection_error" or "not_sent"
     ttfb_s: Optional[float] = None
     latency_s: Optional[float] = None
     error: Optional[str] = None
 
     @property
     def ok(self) -> bool:
-        return self.status == "200"
+        return self.status == 200
 
 
 def fire(client: WhisperClient, arrival: Arrival, payload: bytes, t0: float, options: dict) -> Arrival:
@@ -89,11 +89,11 @@ def fire(client: WhisperClient, arrival: Arrival, payload: bytes, t0: float, opt
         with response:
             response.content  # noqa: B018 - read the body inside the clock
             arrival.latency_s = round(time.monotonic() - started, 4)
-        arrival.status = str(response.status_code)
+        arrival.status = response.status_code
         if not response.ok:
             arrival.error = error_from_response(response).message
     except ClientError as e:
-        arrival.status, arrival.error = str(e.code), e.message
+        arrival.status, arrival.error = (e.status if e.status is not None else str(e.code)), e.message
         arrival.latency_s = round(time.monotonic() - started, 4)
     except Exception as e:  # a read timeout while streaming the body, a reset connection
         arrival.status = "timeout" if "timed out" in str(e).lower() else "connection_error"
@@ -157,8 +157,8 @@ def summarize(arrivals: list[Arrival], duration_s: float, wall_s: float) -> dict
         "ok": len(ok),
         "failed": len(arrivals) - len(ok),
         "timeouts": statuses.get("timeout", 0),
-        "service_unavailable_503": statuses.get("503", 0),
-        "by_status": dict(sorted(statuses.items())),
+        "service_unavailable_503": statuses.get(503, 0),
+        "by_status": dict(sorted(statuses.items(), key=lambda kv: str(kv[0]))),
         "duration_s": duration_s,
         "wall_s": wall_s,
         "offered_rate": len(arrivals) / duration_s,

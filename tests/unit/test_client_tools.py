@@ -223,9 +223,9 @@ def test_percentile_edge_cases():
 def make_records():
     R = bulk_request.Record
     return [
-        R(0, "a.wav", "200", 1.0, 10.0, 30, 1000, 0.0, text="hello world", language="en"),
-        R(1, "b.wav", "200", 3.0, 5.0, 12, 500, 0.1, text="good bye", language="en"),
-        R(2, "a.wav", "503", 0.1, 10.0, None, 1000, 0.2, error="Model whisper has no worker"),
+        R(0, "a.wav", 200, 1.0, 10.0, 30, 1000, 0.0, text="hello world", language="en"),
+        R(1, "b.wav", 200, 3.0, 5.0, 12, 500, 0.1, text="good bye", language="en"),
+        R(2, "a.wav", 503, 0.1, 10.0, None, 1000, 0.2, error="Model whisper has no worker"),
         R(3, "b.wav", "timeout", 30.0, 5.0, None, 500, 0.3, error="no answer"),
     ]
 
@@ -233,7 +233,7 @@ def make_records():
 def test_summarize_counts_and_rates():
     summary = bulk_request.summarize(make_records(), wall_s=4.0)
     assert (summary["requests"], summary["ok"], summary["failed"]) == (4, 2, 2)
-    assert summary["by_status"] == {"200": 2, "503": 1, "timeout": 1}
+    assert summary["by_status"] == {200: 2, 503: 1, "timeout": 1}
     # latency and audio only over successful requests
     assert summary["latency_s"]["min"] == 1.0 and summary["latency_s"]["max"] == 3.0
     assert summary["audio_s"] == 15.0
@@ -250,7 +250,7 @@ def test_report_json_and_csv_round_trip(tmp_path):
     bulk_request.write_report(tmp_path / "r.json", summary, records, wer={"overall_wer": 0.1})
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["summary"]["ok"] == 2 and report["wer"]["overall_wer"] == 0.1
-    assert [r["status"] for r in report["records"]] == ["200", "200", "503", "timeout"]
+    assert [r["status"] for r in report["records"]] == [200, 200, 503, "timeout"]  # numbers are numbers
     for key in ("file", "status", "latency_s", "audio_duration_s", "text_length", "error", "started_at"):
         assert key in report["records"][0]
 
@@ -312,12 +312,12 @@ def test_score_records_flags_swapped_answers(tmp_path):
     )
     R = bulk_request.Record
     records = [
-        R(0, str(tmp_path / "a.wav"), "200", 1, 1, 1, 1, 0, text="And so my fellow Americans, ask not what your country can do for you.", language="en"),
-        R(1, str(tmp_path / "b.wav"), "200", 1, 1, 1, 1, 0, text="He hoped there would be stew for dinner.", language="en"),
+        R(0, str(tmp_path / "a.wav"), 200, 1, 1, 1, 1, 0, text="And so my fellow Americans, ask not what your country can do for you.", language="en"),
+        R(1, str(tmp_path / "b.wav"), 200, 1, 1, 1, 1, 0, text="He hoped there would be stew for dinner.", language="en"),
         # the answer meant for a.wav delivered for b.wav
-        R(2, str(tmp_path / "b.wav"), "200", 1, 1, 1, 1, 0, text="And so my fellow Americans, ask not.", language="en"),
-        R(3, str(tmp_path / "c.wav"), "200", 1, 1, 1, 1, 0, text="no reference", language="en"),
-        R(4, str(tmp_path / "a.wav"), "503", 1, 1, None, 1, 0, error="busy"),
+        R(2, str(tmp_path / "b.wav"), 200, 1, 1, 1, 1, 0, text="And so my fellow Americans, ask not.", language="en"),
+        R(3, str(tmp_path / "c.wav"), 200, 1, 1, 1, 1, 0, text="no reference", language="en"),
+        R(4, str(tmp_path / "a.wav"), 503, 1, 1, None, 1, 0, error="busy"),
     ]
     report = bulk_request.score_records(records, bulk_request.load_references(manifest), flag_wer=0.5)
     assert records[0].wer == 0 and records[1].wer == 0 and records[2].wer > 0.5
@@ -365,9 +365,9 @@ def test_poisson_schedule_is_seeded_ordered_and_has_the_right_rate():
 def test_train_summary():
     A = request_train.Arrival
     arrivals = [
-        A(0, "a.wav", 0.0, 0.0, "200", 0.5, 0.6),
-        A(1, "a.wav", 1.0, 1.2, "200", 1.5, 1.6),
-        A(2, "a.wav", 2.0, 2.0, "503", 0.01, 0.01, "Model whisper has no worker"),
+        A(0, "a.wav", 0.0, 0.0, 200, 0.5, 0.6),
+        A(1, "a.wav", 1.0, 1.2, 200, 1.5, 1.6),
+        A(2, "a.wav", 2.0, 2.0, 503, 0.01, 0.01, "Model whisper has no worker"),
         A(3, "a.wav", 3.0, 3.0, "timeout", None, 10.0, "no answer"),
         A(4, "a.wav", 4.0),  # never sent
     ]
@@ -528,7 +528,7 @@ def test_bulk_run_load_by_duration_and_failures(recorder, tmp_path):
         client.WhisperClient(recorder.url), [write_wav(tmp_path / "a.wav", 0.1)], concurrency=2, count=None,
         duration_s=0.3, options={}, progress=False,
     )
-    assert records and all(r.status == "503" and "no worker" in r.error for r in records)
+    assert records and all(r.status == 503 and "no worker" in r.error for r in records)
     assert 0.3 <= wall < 2
 
 

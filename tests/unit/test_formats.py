@@ -53,8 +53,9 @@ def test_json_is_the_default_shape():
     body, content_type = rendered(TRANSCRIPT, "json")
     assert content_type == "application/json"
     data = json.loads(body)
-    assert set(data) == {"text", "language", "duration", "segments"}
+    assert set(data) == {"text", "language", "duration", "segments", "usage"}
     assert data["text"] == TRANSCRIPT.text and data["language"] == "en"
+    assert data["usage"] == {"type": "duration", "seconds": 361_002.5}
     assert data["duration"] == 361_002.5
     assert data["segments"][0] == {"id": 0, "start": 0.0, "end": 1.2, "text": " Hello world."}
     assert data["segments"][2]["start"] == 3600.0  # rounded to milliseconds
@@ -144,3 +145,15 @@ def test_error_body():
     too_long = AudioTooLong("Audio is 20.0 s long; the limit is 10 s.")
     assert too_long.status == 413
     assert json.loads(error_body(too_long))["code"] == "audio_too_long"
+
+
+@pytest.mark.parametrize("response_format", ["json", "verbose_json"])
+def test_openai_routes_answer_language_names_and_usage(response_format):
+    """OpenAI's whisper-1 says "english", not "en"; the native route keeps the ISO code."""
+    openai = json.loads(render(TRANSCRIPT, TranscriptionOptions(response_format=response_format,
+                                                                 openai_api=True))[0])
+    native = json.loads(render(TRANSCRIPT, TranscriptionOptions(response_format=response_format))[0])
+    assert (openai["language"], native["language"]) == ("english", "en")
+    assert openai["usage"] == native["usage"] == {"type": "duration", "seconds": 361_002.5}
+    assert isinstance(openai["duration"], float)
+    assert all(isinstance(s["id"], int) for s in openai["segments"])

@@ -213,3 +213,31 @@ def test_english_only_languages_list():
 
 def test_scalar_option_given_twice():
     assert "more than once" in rejects({"language": [b"en", b"de"]}, "language")
+
+
+# --- OpenAI's parameters for newer models: one test per row of the README's table ------
+
+
+def test_temperature_zero_is_the_fallback_ladder_on_openai_routes_only():
+    assert parse({"temperature": "0"}, openai_api=True).temperature == DEFAULT_TEMPERATURE
+    assert parse({"temperature": "0"}).temperature == (0.0,)  # native: exactly 0, no fallback
+    assert parse({"temperature": "0.4"}, openai_api=True).temperature == (0.4,)
+    assert parse({}, openai_api=True).openai_api and not parse({}).openai_api
+
+
+@pytest.mark.parametrize("name", ["include[]", "keywords[]", "known_speaker_names[]", "known_speaker_references[]"])
+def test_parameters_of_newer_openai_models_are_refused_by_name(name):
+    message = rejects({name: "logprobs"}, name[:-2])
+    assert name in message and "not supported for Whisper models" in message
+
+
+def test_languages_hint_is_validated_and_kept_in_order():
+    assert parse({"languages[]": ["de", "English", "de"]}).languages == ("de", "en")
+    assert parse({"languages": "fr,es"}).languages == ("fr", "es")
+    assert parse({"languages[]": "auto"}).languages == ()
+    assert "this model's languages" in rejects({"languages[]": "xx"}, "language")
+
+
+def test_chunking_strategy_auto_only():
+    assert parse({"chunking_strategy": "auto"}) == TranscriptionOptions()
+    assert "allowed values: auto" in rejects({"chunking_strategy": '{"type": "server_vad"}'}, "chunking_strategy")
