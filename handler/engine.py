@@ -38,7 +38,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from whisper.audio import N_FRAMES, SAMPLE_RATE
+from whisper.audio import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 
 from errors import InternalError, InvalidAudio, Overloaded, OutOfMemory, RequestError
 from formats import Segment, Transcript, Word
@@ -50,6 +50,8 @@ from windows import Thresholds, split_points
 from word_timing import snap_words
 
 logger = logging.getLogger(__name__)
+
+BUDGET_RETRY_STEPS = 1000  # steps without an out-of-memory error before a lowered budget grows by one
 
 
 @dataclass(frozen=True)
@@ -160,11 +162,13 @@ class Engine:
         self.thresholds = Thresholds(c.compression_ratio_threshold, c.logprob_threshold,
                                      c.no_speech_threshold)
         self.window_budget = c.window_budget  # lowered after an out-of-memory step
+        self._steps_since_oom = 0
         self.on_step = on_step
         # Counters and seconds per phase since start; the handler logs and exports them.
         self.stats = {
             "steps": 0, "encoder_windows": 0, "decoded_windows": 0, "fallback_windows": 0,
             "oom_splits": 0, "failed_requests": 0, "finished_requests": 0, "audio_s": 0.0,
+            "committed_audio_s": 0.0,  # audio the streams' seeks have moved past
             "mel_s": 0.0, "encode_s": 0.0, "decode_s": 0.0, "step_s": 0.0,
         }
         self._cond = threading.Condition()
@@ -273,7 +277,8 @@ class Engine:
         if admit_always or self._inflight_requests == 0 or self._inflight_audio_s + duration <= cap:
             return
         # seconds until enough audio has been transcribed, at the rate measured so far
-        rate = self.stats["audio_s"] / self.stats["step_s"] if self.stats["step_s"] > 1 else 1.0
+        # (at least real time: before anything is measured that is the cautious guess)
+        rate = max(1.0, self.stats["committed_audio_s"] / max(self.stats["step_s"], 1e-3))
         excess = self._inflight_audio_s + duration - cap
         retry_after = int(min(60, max(1, math.ceil(excess / max(rate, 1e-3)))))
         raise Overloaded(
@@ -388,6 +393,13 @@ class Engine:
         elapsed = time.perf_counter() - started
         self.stats["steps"] += 1
         self.stats["step_s"] += elapsed
+        self._steps_since_oom += 1
+        if self.window_budget < self.config.window_budget and self._steps_since_oom >= BUDGET_RETRY_STEPS:
+            # the memory may have been taken by something passing: try one window more
+            self.window_budget += 1
+            self._steps_since_oom = 0
+            logger.info("window budget raised to %d after %d steps without running out of memory",
+                        self.window_budget, BUDGET_RETRY_STEPS)
         if self.on_step is not None:
             load = self.load()
             try:
@@ -407,6 +419,8 @@ class Engine:
             del exc  # its traceback holds the failed call's tensors
             self._after_failure(oom, len(streams) + len(self.runner.decoding))
             if len(streams) == 1:
+                if oom and self.runner.decoding:
+                    return  # it did not fit beside the running windows: it stays in the pool
                 self._fail(streams[0].request, self._window_error(streams[0].request, oom, message))
                 return
             half = (len(streams) + 1) // 2
@@ -483,6 +497,7 @@ class Engine:
             torch.cuda.empty_cache()
         if oom:
             self.stats["oom_splits"] += 1
+            self._steps_since_oom = 0
             if windows > 1:
                 self.window_budget = max(1, min(self.window_budget, windows // 2))
                 logger.warning("out of memory with %d windows: step split, window budget now %d",
@@ -510,7 +525,9 @@ class Engine:
         if s.word_timestamps and proposal.segments:
             self.runner.add_word_timestamps(proposal.segments, features, s.window_size, tokenizer,
                                             s.last_speech_timestamp)
+        seek = s.seek
         s.commit(proposal)
+        self.stats["committed_audio_s"] += max(0, s.seek - seek) * HOP_LENGTH / SAMPLE_RATE
 
     # ------------------------------------------------------------------ answers
 
@@ -522,7 +539,7 @@ class Engine:
         ready = r.ready_segments()
         if ready:
             try:
-                r.on_segments([to_segment(d, first_id + k, False) for k, d in enumerate(ready)])
+                r.on_segments([to_segment(d, first_id + k, False, r.duration) for k, d in enumerate(ready)])
             except Exception:
                 logger.exception("request %s: segment listener failed", r.id)
 

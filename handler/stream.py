@@ -209,19 +209,22 @@ class Request:
         for s in self.streams:
             tokens.extend(s.all_tokens[len(s.initial_prompt):])
             for d in s.segments:
-                segments.append(to_segment(d, len(segments), want_words))
+                segments.append(to_segment(d, len(segments), want_words, self.duration))
         return Transcript(
             text=tokenizer.decode(tokens), language=self.language, duration=self.duration,
             segments=segments, task=self.options.task,
         )
 
 
-def to_segment(d: dict, id: int, want_words: bool) -> Segment:
+def to_segment(d: dict, id: int, want_words: bool, duration: float) -> Segment:
+    """A committed segment dict as a Segment, its times clamped to the audio's `duration`
+    (the last window's timestamps may run past the end)."""
     return Segment(
-        id=id, seek=d["seek"], start=d["start"], end=d["end"], text=d["text"],
+        id=id, seek=d["seek"], start=min(d["start"], duration), end=min(d["end"], duration), text=d["text"],
         tokens=list(d["tokens"]), temperature=d["temperature"], avg_logprob=d["avg_logprob"],
         compression_ratio=d["compression_ratio"], no_speech_prob=d["no_speech_prob"],
-        words=[Word(w["word"], w["start"], w["end"], w["probability"]) for w in d.get("words") or []]
+        words=[Word(w["word"], min(w["start"], duration), min(w["end"], duration), w["probability"])
+               for w in d.get("words") or []]
         if want_words else None,
     )
 

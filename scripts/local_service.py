@@ -4,7 +4,7 @@ Used by the end-to-end tests and by benchmark_service.py: each instance gets its
 log and model-store directories and its own ports (HTTP, gRPC, worker sockets), so several
 can run beside each other and beside a developer's server on the default ports.
 
-    with running_service(Path("/tmp/ts-a"), model="tiny.en", extra_env={"WHISPER_BATCH_SIZE": "1"}) as service:
+    with running_service(Path("/tmp/ts-a"), model="tiny.en", extra_env={"WHISPER_MAX_INFLIGHT_AUDIO_S": "600"}) as service:
         ...
 """
 

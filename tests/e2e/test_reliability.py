@@ -1,9 +1,22 @@
-"""Reliability end to end: bad input, killed and stuck workers, a full queue, OOM, a soak.
+"""Reliability end to end: bad input, killed and slow workers, a full queue, OOM, a soak.
 
 Everything here runs against a real TorchServe started by serve.sh. Services whose
 configuration differs from the shared `service` fixture are started once per module and
 share what they can: `limits_service` (small max duration and request size, injected OOM)
-and `faults_service` (short response timeout, tiny job queue, no batching).
+and `faults_service` (short response timeout, tiny job queue).
+
+The model config sets asyncCommunication: TorchServe's frontend (AsyncWorkerThread and
+AsyncBatchAggregator in 0.12) hands every request to the worker as it arrives and does
+not wait for answers. These tests pin down what that changes:
+- responseTimeout is not enforced: a request that takes longer is still answered 200;
+- job_queue_size bounds only the hand-over: a burst beyond it is refused with 503, but
+  the queue empties at once, so it does not bound the work in flight (the handler's
+  max_inflight_audio_s does, see test_engine_service.py);
+- when the worker process dies, the requests it held are never answered (their clients
+  wait for their own timeout); a request that arrives while the replacement loads its
+  model is lost too and costs one more restart; the replacement serves but never reports
+  READY on the management API. The strict xfail tests below say so, and will tell when
+  TorchServe fixes it.
 
 Measured figures (recovery after SIGKILL, bomb rejection times) are printed; run with
 `-s` to see them.
@@ -12,6 +25,7 @@ Measured figures (recovery after SIGKILL, bomb rejection times) are printed; run
 import concurrent.futures
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +40,7 @@ import requests
 import soundfile as sf
 import soxr
 
-from conftest import BATCHING_ENV, PYTHON, REPO, running_service
+from conftest import PYTHON, REPO, running_service
 from scoring import normalize, score
 
 pytestmark = pytest.mark.e2e
@@ -63,16 +77,6 @@ def workers(service) -> list:
 def worker_pid(service):
     ready = [w for w in workers(service) if w["status"] == "READY"]
     return ready[0]["pid"] if ready else None
-
-
-def wait_for_new_worker(service, old_pid, timeout_s=120) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        pid = worker_pid(service)
-        if pid is not None and pid != old_pid:
-            return pid
-        time.sleep(0.1)
-    raise AssertionError(f"no new READY worker within {timeout_s} s (old pid {old_pid}): {workers(service)}")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -245,7 +249,7 @@ BAD_INPUTS = {
     "raw wav, Content-Type application/x-www-form-urlencoded": ((400, 500), None),
 }
 # Bombs must be refused from their header, not by decoding hours of audio: this long at
-# most (the shared service's 1 s batching delay included), and this much memory at most.
+# most, and this much memory at most.
 BOMB_MAX_S = 5.0
 BOMB_MAX_PEAK_RSS_GROWTH_MB = 300
 
@@ -317,11 +321,13 @@ def test_same_worker_transcribes_after_all_bad_inputs(service, first_worker):
 # --- limits and injected OOM: a service of its own ------------------------------------
 
 LIMITS_ENV = {
-    **BATCHING_ENV,
     "WHISPER_MAX_DURATION_S": "60",
     "TS_MAX_REQUEST_SIZE": str(3 * 1024 * 1024),  # JFK (1.1 MB) passes, 4 MB does not
-    "WHISPER_FAULT_OOM_ABOVE_S": "12",
+    # Any model-runner call (encoder pass, decode batch) with more than one window raises
+    # an injected out-of-memory error.
+    "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "1",
 }
+OOM_SPLIT = re.compile(r"out of memory with (\d+) windows: step split, window budget now (\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -354,37 +360,52 @@ def test_body_over_max_request_size_is_413_from_torchserve(limits_service):
     assert_jfk(post_raw(limits_service, JFK.read_bytes(), "audio/flac"))
 
 
-def test_injected_oom_splits_the_batch(limits_service, shared_audio):
-    """WHISPER_FAULT_OOM_ABOVE_S=12: four 11 s requests batched together (44 s) fail,
-    the halves (22 s) fail, the singles pass: all four 200 with the right text."""
+def test_injected_oom_splits_the_step_and_lowers_the_budget(limits_service):
+    """WHISPER_FAULT_OOM_ABOVE_WINDOWS=1: four 11 s requests at once put more than one
+    window into a model call, which fails; the engine splits the step, lowers its window
+    budget to 1 (logged), and all four get the right text from the same worker. Four more
+    afterwards run within the lowered budget: right again, and no new out-of-memory error."""
     pid = worker_pid(limits_service)
     data = JFK.read_bytes()
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(lambda _: post_raw(limits_service, data, "audio/flac", timeout=300), range(4)))
-    for response in responses:
+
+    def four_at_once():
+        barrier = threading.Barrier(4)
+
+        def send(_):
+            barrier.wait(timeout=60)
+            return post_raw(limits_service, data, "audio/flac", timeout=300)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            return list(pool.map(send, range(4)))
+
+    mark = log_size(limits_service)
+    for response in four_at_once():
         assert_jfk(response)
+    splits = OOM_SPLIT.findall(model_log(limits_service)[mark:])
+    print(f"\ninjected OOM: {len(splits)} split(s) logged: {splits}")
+    assert splits, "no step was split: the injected out-of-memory error never happened"
+    assert all(int(windows) > 1 for windows, _ in splits), splits
+    assert int(splits[-1][1]) == 1, f"window budget not lowered to 1: {splits}"
+
+    mark = log_size(limits_service)
+    for response in four_at_once():
+        assert_jfk(response)
+    assert not OOM_SPLIT.search(model_log(limits_service)[mark:]), "the lowered budget did not hold"
     assert worker_pid(limits_service) == pid
 
 
-def test_injected_oom_fails_only_the_request_too_big_to_fit(limits_service, shared_audio):
-    """A 29 s file in a batch of JFKs: it alone is over the 12 s budget and gets 507 JSON;
-    the three JFKs of its batch succeed."""
-    pid = worker_pid(limits_service)
-    big = (shared_audio / "librispeech/dev-clean/1272-128104-0004-8k.wav").read_bytes()
-    uploads = [(JFK.read_bytes(), "audio/flac"), (big, "audio/wav")] + [(JFK.read_bytes(), "audio/flac")] * 2
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(lambda u: post_raw(limits_service, u[0], u[1], timeout=300), uploads))
-    body = assert_error(responses[1], 507, "out_of_memory")
-    assert body["type"] == "server_error"
-    for response in responses[:1] + responses[2:]:
-        assert_jfk(response)
-    assert worker_pid(limits_service) == pid
+# A single window can no longer be made to fail by injection (a call with one window is
+# never over a limit of at least one); the 507 for a window that fails alone is covered
+# by tests/unit/test_engine.py with a failing runner.
 
 
-# --- faults: killed worker, stuck worker, full queue ----------------------------------
+# --- faults: killed worker, slow request, full queue ----------------------------------
 
-RESPONSE_TIMEOUT_S = 15  # the very long upload takes far longer on CPU; the short one far less
+# Far below what the long file takes (about 10 s for tiny.en on 2 cores), to show that
+# with asyncCommunication TorchServe does not enforce it.
+RESPONSE_TIMEOUT_S = 2
 LONG_REPEATS = 8  # the long file 8 times over: 19 minutes, minutes of work even for tiny.en
+IN_FLIGHT_WAIT_S = 30  # how long the client of the killed request waits for any answer
 
 
 @pytest.fixture(scope="module")
@@ -395,11 +416,11 @@ def very_long_flac(shared_audio) -> tuple:
     buffer = io.BytesIO()
     sf.write(buffer, samples, rate, format="FLAC")
     return buffer.getvalue(), f"audio {len(samples) / rate:.2f}s"
+
+
 FAULTS_ENV = {
     "WHISPER_RESPONSE_TIMEOUT_S": str(RESPONSE_TIMEOUT_S),
     "TS_JOB_QUEUE_SIZE": "2",
-    "WHISPER_BATCH_SIZE": "1",
-    "WHISPER_MAX_BATCH_DELAY_MS": "10",
 }
 
 
@@ -426,94 +447,246 @@ def post_in_background(service, data: bytes, content_type: str, timeout: float) 
     return result
 
 
+def model_log(service) -> str:
+    return (service.log_dir / "model_log.log").read_text(errors="replace")
+
+
 def wait_for_log(service, text: str, start_at: int, timeout_s: float = 60):
-    log = service.log_dir / "model_log.log"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if text in log.read_text(errors="replace")[start_at:]:
+        if text in model_log(service)[start_at:]:
             return
         time.sleep(0.05)
     raise AssertionError(f"{text!r} not logged within {timeout_s} s")
 
 
 def log_size(service) -> int:
-    return len((service.log_dir / "model_log.log").read_text(errors="replace"))
+    return len(model_log(service))
 
 
-@pytest.mark.slow
-def test_worker_killed_mid_request_recovers(faults_service, shared_audio, very_long_flac):
+def worker_process(service) -> dict:
+    """The model's one worker as the management API describes it, whatever its status
+    (after a restart in async mode it never says READY again, see below)."""
+    found = workers(service)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def wait_for_new_process(service, old_pid, timeout_s=120) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pid = worker_process(service)["pid"]
+        if pid is not None and pid != old_pid:
+            return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no new worker process within {timeout_s} s (old pid {old_pid}): {workers(service)}")
+
+
+def assert_1813(response: requests.Response):
+    assert response.status_code == 200, response.text[:300]
+    text = response.json()["text"]
+    assert "1813" in text or "eighteen" in normalize(text, "en"), text
+
+
+def worker_loaded(service, start_at: int) -> bool:
+    """Whether the latest worker process started after `start_at` (an offset in
+    model_log.log) has loaded the model: the management API cannot tell after a restart."""
+    log = model_log(service)[start_at:]
+    started = log.rfind("Torch worker started")
+    return started >= 0 and log.find("whisper ready", started) >= 0
+
+
+def wait_until_loaded(service, start_at: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker_loaded(service, start_at):
+            time.sleep(1.0)  # still the latest one a moment later: not crash-looping
+            if worker_loaded(service, start_at):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"no worker finished loading within {timeout_s} s: {workers(service)}")
+
+
+@pytest.fixture(scope="module")
+def killed_worker(faults_service, shared_audio, very_long_flac) -> dict:
+    """SIGKILL the worker while it transcribes a 19-minute upload, and record what follows:
+    what a request sent while the replacement loads gets, when the service answers again,
+    and what the killed request's client got within IN_FLIGHT_WAIT_S."""
     svc = faults_service
     old_pid = worker_pid(svc)
+    assert old_pid is not None, workers(svc)
     mark = log_size(svc)
     upload, logged_duration = very_long_flac
-    request = post_in_background(svc, upload, "audio/flac", timeout=60)
+    short = (shared_audio / SHORT).read_bytes()
+    in_flight = post_in_background(svc, upload, "audio/flac", timeout=IN_FLIGHT_WAIT_S)
     # Kill once the worker is transcribing it (decoded and handed to the engine).
     wait_for_log(svc, logged_duration, mark)
     time.sleep(0.5)
+    killed_at = log_size(svc)
     os.kill(old_pid, signal.SIGKILL)
     killed = time.monotonic()
-    request["thread"].join(70)
-    assert "error" not in request, f"no HTTP answer: {request.get('error')!r}"
-    response = request["response"]
-    answered_s = time.monotonic() - killed
+    new_pid = wait_for_new_process(svc, old_pid)
+    process_s = time.monotonic() - killed
+    # A client that comes while the replacement loads its model.
+    sent_during_load = not worker_loaded(svc, killed_at)
+    during_load = post_in_background(svc, short, "audio/wav", timeout=IN_FLIGHT_WAIT_S)
+    wait_until_loaded(svc, killed_at)
+    loaded_s = time.monotonic() - killed
+    first = post_raw(svc, short, "audio/wav", timeout=120)
+    first_ok_s = time.monotonic() - killed
+    pid = worker_process(svc)["pid"]
+    later = [post_raw(svc, short, "audio/wav") for _ in range(2)]
+    for request in (in_flight, during_load):
+        request["thread"].join(IN_FLIGHT_WAIT_S + 30)
+    restarts = model_log(svc)[killed_at:].count("Torch worker started")
+    record = dict(old_pid=old_pid, new_pid=new_pid, first=first, first_ok_s=first_ok_s, pid=pid, later=later,
+                  pid_after=worker_process(svc)["pid"], in_flight=in_flight, during_load=during_load,
+                  sent_during_load=sent_during_load, restarts=restarts)
+
+    def outcome(request):
+        return (f"answered {request['response'].status_code}" if "response" in request
+                else f"no answer within {IN_FLIGHT_WAIT_S} s ({type(request.get('error')).__name__})")
+
+    print(f"\nSIGKILL: new worker process after {process_s:.1f} s, {restarts} worker start(s), model loaded "
+          f"after {loaded_s:.1f} s, first 200 after {first_ok_s:.1f} s; the killed request: {outcome(in_flight)}; "
+          f"a request sent {'while the replacement loaded' if sent_during_load else 'after the reload'}: "
+          f"{outcome(during_load)}")
+    return record
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_request_recovers(killed_worker):
+    """A new worker process replaces the killed one, loads the model and then transcribes
+    correctly, and stays."""
+    k = killed_worker
+    assert k["new_pid"] != k["old_pid"]
+    assert_1813(k["first"])
+    for response in k["later"]:
+        assert_1813(response)
+    assert k["pid_after"] == k["pid"]
+    assert k["first_ok_s"] < 120
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "TorchServe 0.12 asyncCommunication: when the worker process dies, AsyncWorkerThread "
+    "fails only a request it is still flushing (req is set to null after each flush); the "
+    "jobs already in AsyncBatchAggregator.jobs_in_backend get neither an error nor a retry, "
+    "so their clients wait until their own timeout (nginx: proxy_read_timeout, 900 s)"))
+def test_request_in_flight_on_a_killed_worker_gets_an_error(killed_worker):
+    in_flight = killed_worker["in_flight"]
+    assert "response" in in_flight, f"no answer within {IN_FLIGHT_WAIT_S} s: {in_flight.get('error')!r}"
+    response = in_flight["response"]
     assert 500 <= response.status_code < 600, response.text[:300]
     assert response.json()["message"], response.text
-    new_pid = wait_for_new_worker(svc, old_pid)
-    ready_s = time.monotonic() - killed
-    short = (shared_audio / SHORT).read_bytes()
-    first = post_raw(svc, short, "audio/wav")
-    first_ok_s = time.monotonic() - killed
-    assert first.status_code == 200, first.text[:300]
-    assert "1813" in first.json()["text"] or "eighteen" in normalize(first.json()["text"], "en")
-    for _ in range(2):
-        assert post_raw(svc, short, "audio/wav").status_code == 200
-    assert worker_pid(svc) == new_pid
-    print(
-        f"\nSIGKILL recovery: in-flight request answered {response.status_code} after {answered_s:.2f} s; "
-        f"new worker READY after {ready_s:.1f} s; first 200 after {first_ok_s:.1f} s"
-    )
 
 
 @pytest.mark.slow
-def test_request_over_response_timeout_gets_an_error_not_a_hang(faults_service, shared_audio, very_long_flac):
+@pytest.mark.xfail(strict=True, reason=(
+    "TorchServe 0.12 asyncCommunication: on a restart AsyncWorkerThread does not wait for the "
+    "LOAD reply (loadingFinished is still true), so a request that arrives while the new "
+    "worker loads joins the LOAD job in AsyncBatchAggregator.jobs: 'IllegalStateException: "
+    "Received more than 1 control command' kills the worker thread, the request is never "
+    "answered and the worker is restarted once more"))
+def test_request_sent_while_the_replacement_loads_is_answered(killed_worker):
+    if not killed_worker["sent_during_load"]:
+        pytest.skip("the replacement had loaded before the request was sent")
+    during_load = killed_worker["during_load"]
+    assert "response" in during_load, f"no answer within {IN_FLIGHT_WAIT_S} s: {during_load.get('error')!r}"
+    assert during_load["response"].status_code in (200, 503), during_load["response"].text[:300]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "TorchServe 0.12 asyncCommunication: AsyncWorkerThread.loadingFinished stays true across "
+    "a restart, so the replacement worker's load reply never moves it to WORKER_MODEL_LOADED: "
+    "it serves requests but the management API never lists it READY (/ping says Healthy)"))
+def test_replacement_worker_reports_ready(killed_worker, faults_service):
+    deadline = time.monotonic() + 10
+    while worker_process(faults_service)["status"] != "READY" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert worker_process(faults_service)["status"] == "READY", workers(faults_service)
+
+
+@pytest.mark.slow
+def test_request_longer_than_response_timeout_is_answered(faults_service, shared_audio):
+    """responseTimeout is 2 s; the 141 s file takes several times that. With
+    asyncCommunication TorchServe does not time requests out (AsyncWorkerThread never
+    waits for a reply): the request is answered 200 with its transcript and the worker
+    is not replaced. (Nothing then bounds a request that never ends: the engine has no
+    stuck-request watchdog; clients and the nginx proxy have their own timeouts.)"""
     svc = faults_service
-    old_pid = worker_pid(svc)
+    pid = worker_process(svc)["pid"]
     started = time.monotonic()
-    response = post_raw(svc, very_long_flac[0], "audio/flac", timeout=RESPONSE_TIMEOUT_S + 60)
+    response = post_raw(svc, (shared_audio / LONG).read_bytes(), "audio/flac", timeout=300)
     elapsed = time.monotonic() - started
-    assert 500 <= response.status_code < 600, response.text[:300]
-    assert RESPONSE_TIMEOUT_S - 1 <= elapsed < RESPONSE_TIMEOUT_S + 30
-    # TorchServe replaces the stuck worker; the service goes on.
-    wait_for_new_worker(svc, old_pid)
-    assert post_raw(svc, (shared_audio / SHORT).read_bytes(), "audio/wav").status_code == 200
     print(f"\nresponse timeout {RESPONSE_TIMEOUT_S} s: answered {response.status_code} after {elapsed:.1f} s")
+    assert elapsed > 2 * RESPONSE_TIMEOUT_S, f"done in {elapsed:.1f} s: too fast to show anything, use a longer file"
+    assert response.status_code == 200, response.text[:300]
+    assert "stew for dinner" in normalize(response.json()["text"], "en")
+    assert worker_process(svc)["pid"] == pid, workers(svc)
 
 
 @pytest.mark.slow
-def test_full_queue_answers_503_quickly(faults_service, shared_audio):
-    """job_queue_size=2, one request at a time: of 12 concurrent requests a few are
-    accepted and transcribed; the rest are refused at once with 503, not queued."""
+def test_burst_beyond_the_job_queue_is_refused_quickly(faults_service, shared_audio):
+    """job_queue_size=2. In async mode the frontend moves each job to the worker as soon as
+    it can, one at a time, so the queue only holds what arrives faster than that: of 12
+    requests sent at the same moment some are refused at once with TorchServe's 503, and
+    every one that is accepted is transcribed."""
     svc = faults_service
     short = (shared_audio / SHORT).read_bytes()
-    assert post_raw(svc, short, "audio/wav").status_code == 200  # a warm worker
+    assert_1813(post_raw(svc, short, "audio/wav"))  # a warm worker
+    barrier = threading.Barrier(12)
 
     def one(_):
+        barrier.wait(timeout=60)
         started = time.monotonic()
         response = post_raw(svc, short, "audio/wav", timeout=300)
-        return response.status_code, time.monotonic() - started, response.text
+        return response, time.monotonic() - started
 
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         results = list(pool.map(one, range(12)))
-    statuses = [status for status, _, _ in results]
-    assert set(statuses) <= {200, 503}, results
-    refused = [elapsed for status, elapsed, _ in results if status == 503]
+    statuses = [response.status_code for response, _ in results]
+    assert set(statuses) <= {200, 503}, [(r.status_code, r.text[:200]) for r, _ in results]
+    refused = [elapsed for response, elapsed in results if response.status_code == 503]
+    print(f"\nburst: {statuses.count(200)} x 200, {len(refused)} x 503 in at most {max(refused, default=0):.3f} s")
     assert refused, "nothing was refused: the queue is not bounded"
-    assert statuses.count(200) >= 1
     assert max(refused) < 2.0, f"503s took up to {max(refused):.2f} s"
-    for status, _, text in results:
-        if status == 200:
-            assert "1813" in text or "eighteen" in normalize(text, "en")
-    print(f"\nfull queue: {statuses.count(200)} x 200, {len(refused)} x 503 in at most {max(refused):.3f} s")
+    for response, _ in results:
+        if response.status_code == 503:
+            assert "ServiceUnavailable" in response.json()["type"], response.text  # TorchServe's own
+        else:
+            assert_1813(response)
+    assert statuses.count(200) >= 1
+
+
+@pytest.mark.slow
+def test_job_queue_does_not_bound_the_requests_in_flight(faults_service, shared_audio):
+    """job_queue_size=2, yet while a 141 s request is being transcribed six short ones sent
+    0.3 s apart are all accepted and answered before it: seven requests in flight at once.
+    What bounds the work in flight is the handler's max_inflight_audio_s (503 overloaded,
+    test_engine_service.py), not TorchServe's queue."""
+    svc = faults_service
+    short = (shared_audio / SHORT).read_bytes()
+    mark = log_size(svc)
+
+    def timed_post(data, content_type):
+        response = post_raw(svc, data, content_type, timeout=300)
+        return response, time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        long_job = pool.submit(timed_post, (shared_audio / LONG).read_bytes(), "audio/flac")
+        wait_for_log(svc, "audio 141.53s", mark)
+        shorts = []
+        for _ in range(6):
+            shorts.append(pool.submit(timed_post, short, "audio/wav"))
+            time.sleep(0.3)
+        short_results = [job.result() for job in shorts]
+        long_response, long_done = long_job.result()
+    for response, _ in short_results:
+        assert_1813(response)
+    assert long_response.status_code == 200, long_response.text[:300]
+    assert all(done < long_done for _, done in short_results)
 
 
 # --- soak ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import BATCHING_ENV, PYTHON, REPO, free_port, start_service
+from conftest import PYTHON, REPO, free_port, start_service
 from scoring import score
 
 JFK = REPO / "samples" / "jfk.flac"
@@ -99,7 +99,7 @@ def public_service(tmp_path_factory):
     port = free_port()
     svc = start_service(
         tmp_path_factory.mktemp("public-service"),
-        extra_env={**BATCHING_ENV, "TS_INFERENCE_ADDRESS": f"http://0.0.0.0:{port}"},
+        extra_env={"TS_INFERENCE_ADDRESS": f"http://0.0.0.0:{port}"},
     )
     try:
         yield svc
