@@ -219,6 +219,8 @@ class Engine:
         else:
             request.language = options.language
         with self._cond:
+            if self._closed:
+                raise InternalError("the engine is shut down")
             self._admit_or_refuse(request.duration, admit_always)
             self._inflight_audio_s += request.duration
             self._inflight_requests += 1
@@ -264,10 +266,19 @@ class Engine:
         self.runner.warm_kernels()
 
     def close(self) -> None:
+        """Stop the scheduler; requests not answered yet get an error."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=60)
+        closed = InternalError("the engine was shut down before this request was done")
+        with self._cond:
+            arrived = [request for request, future in self._inbox]
+            for request, future in self._inbox:
+                self._futures[id(request)] = future
+            self._inbox.clear()
+        for request in arrived + list(self._active):
+            self._fail(request, closed)
         self._finisher.shutdown(wait=True)
 
     # ------------------------------------------------------------------ admission
@@ -328,7 +339,7 @@ class Engine:
         c = self.config
         cuts = []
         if c.split_long and r.duration >= 2 * c.min_stream_seconds:
-            n_pieces = min(int(r.duration // c.min_stream_seconds), self.window_budget)
+            n_pieces = min(int(r.duration // c.min_stream_seconds), c.window_budget)
             cuts = split_points(r.audio, n_pieces)
         o = r.options
         prompt = self.runner.tokenizer("en", o.task).encode(" " + o.prompt.strip()) if o.prompt else []
@@ -354,11 +365,17 @@ class Engine:
         room = min(self.window_budget - decoding, self.config.new_windows_per_step)
         queues = [deque(s for s in r.streams if not s.done and id(s) not in self._decoding)
                   for r in self._active]
+        # windows each request already has in the batch: a place that frees up goes to the
+        # request holding the fewest, earlier arrivals first
+        held = [sum(1 for s in r.streams if id(s) in self._decoding) for r in self._active]
         chosen: List[Stream] = []
+        level = 0
         while len(chosen) < room and any(queues):
-            for q in queues:
-                if q and len(chosen) < room:
+            for k, q in enumerate(queues):
+                if q and held[k] <= level and len(chosen) < room:
                     chosen.append(q.popleft())
+                    held[k] += 1
+            level += 1
         return chosen
 
     def _step(self) -> None:

@@ -63,8 +63,6 @@ def main(argv=None):
     parser.add_argument("--max-seconds", type=float, default=60.0, help="skip longer files")
     parser.add_argument("--window-budget", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads (both runs)")
-    parser.add_argument("--pack", action="store_true", help="engine: pack short clips into shared windows (CPU, experimental)")
-    parser.add_argument("--quantize", action="store_true", help="engine: int8 dynamic quantization on cpu")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                         help="engine: bf16 on cpu (auto: where the cpu has AMX bf16)")
     parser.add_argument("--language", help="language given in every request (default: none, detect)")
@@ -93,8 +91,7 @@ def main(argv=None):
     except ImportError:
         model = whisper.load_model(args.model, device=args.device)
     config = EngineConfig(
-        device=args.device, window_budget=args.window_budget, cpu_threads=args.threads,
-        pack_short=None if args.pack else False, quantize_cpu=args.quantize,
+        device=args.device, window_budget=args.window_budget,
         cpu_bf16={"auto": None, "on": True, "off": False}[args.bf16],
     )
     engine = Engine(model, config)
@@ -127,6 +124,7 @@ def main(argv=None):
         rows.append((n, audio_s, e_time, s_time, e_mem, s_mem, windows, e_cpu, s_cpu))
         print(f"[{n} streams] engine {audio_s / e_time:.1f}x"
               + (f", sequential {audio_s / s_time:.1f}x" if s_time else ""), file=sys.stderr, flush=True)
+    engine.close()
 
     unit = "GPU MiB" if args.device.startswith("cuda") else "RSS MiB"
     print(f"\n{'streams':>7} {'audio s':>8} {'engine s':>9} {'engine RTFx':>12} {'seq s':>8} "

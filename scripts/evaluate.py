@@ -139,8 +139,6 @@ def main(argv=None):
     parser.add_argument("--given-language", action="store_true", help="pass the manifest's language instead of detecting")
     parser.add_argument("--limit", type=int, help="only the first N files")
     parser.add_argument("--window-budget", type=int, help="engine: windows per forward pass")
-    parser.add_argument("--pack", action="store_true", help="engine: pack short clips into shared windows (CPU, experimental)")
-    parser.add_argument("--quantize", action="store_true", help="engine: int8 dynamic quantization on cpu")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                         help="engine: bf16 on cpu (auto: where the cpu has AMX bf16)")
     parser.add_argument("--threads", type=int, help="engine: torch CPU threads")
@@ -152,18 +150,24 @@ def main(argv=None):
     if args.url:
         hypotheses[args.mode] = run_service(args.url, entries, audio_root, args.token, args.mode)
     else:
+        import torch
+
         from engine import Engine, EngineConfig
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         config = EngineConfig(
             device=args.device, window_budget=args.window_budget,
-            pack_short=None if args.pack else False, quantize_cpu=args.quantize,
-            cpu_bf16={"auto": None, "on": True, "off": False}[args.bf16], cpu_threads=args.threads,
+            cpu_bf16={"auto": None, "on": True, "off": False}[args.bf16],
         )
         engine = Engine(load_model(args.model, args.device), config)
-        modes = ["batched", "sequential"] if args.compare else [args.mode]
-        for mode in modes:  # sequential runs the model as loaded (fp32 on cpu)
-            hypotheses[mode] = run_engine(engine, entries, audio_root, mode, args.given_language)
-        print(f"engine stats: {engine.stats}", file=sys.stderr)
+        try:
+            modes = ["batched", "sequential"] if args.compare else [args.mode]
+            for mode in modes:  # sequential runs the model as loaded (fp32 on cpu)
+                hypotheses[mode] = run_engine(engine, entries, audio_root, mode, args.given_language)
+            print(f"engine stats: {engine.stats}", file=sys.stderr)
+        finally:
+            engine.close()
     print()
     overall = print_table(entries, hypotheses)
     if "batched" in hypotheses and "sequential" in hypotheses and ("batched", "en") in overall:

@@ -1,9 +1,27 @@
-"""The engine on real speech with tiny.en: same text as openai-whisper's transcribe,
-silence stays silent, packed short clips come back to the right requests, word
-timestamps are monotonic and inside their segments."""
+"""The continuous-batching engine on real speech with tiny.en.
+
+Accuracy: the same text as openai-whisper's transcribe, bf16 close to fp32, a long
+request cut into streams loses and repeats nothing, silence stays silent, word times are
+ordered. Scheduling (a step starts windows in the free places of the decode batch and
+decodes every running window a chunk of tokens further): arrivals join the next step,
+short requests are not held back by a long one, a failing window fails only its request,
+out-of-memory errors split the work and lower the window budget, sampling does not depend
+on the neighbours, segments are streamed in order, admission refuses beyond its cap,
+close stops the thread.
+
+Several tests submit requests while holding the engine's condition (`together`): it is
+reentrant, and the engine thread cannot take its inbox meanwhile, so all of them are
+admitted in the same step.
+"""
+
+import threading
+import time
+from contextlib import contextmanager
+from functools import lru_cache
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import SHARED_AUDIO as AUDIO
 
@@ -11,8 +29,17 @@ whisper = pytest.importorskip("whisper")
 
 from audio import decode_audio  # noqa: E402
 from engine import Engine, EngineConfig  # noqa: E402
+from errors import InternalError, OutOfMemory, Overloaded  # noqa: E402
 from options import TranscriptionOptions  # noqa: E402
 from scoring import normalize  # noqa: E402
+
+JFK = "jfk/jfk.flac"  # 11 s, one window
+OSR = "english/OSR_us_000_0034_8k.wav"  # 35.5 s, two windows
+LONG = "long/librispeech_concat_16k.flac"  # 141.5 s, five or more windows
+SHORT = ["english/LDC93S1.wav", "english/LJ002-0020.wav", "librispeech/test-clean/2830-3980-0043.wav",
+         "librispeech/test-clean/61-70968-0000.flac"]  # 2.9, 1.5, 2.0, 4.9 s
+FP32 = dict(cpu_bf16=False)
+OPTIONS = TranscriptionOptions()
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +47,24 @@ def model(tiny_en_model):
     return tiny_en_model
 
 
+@pytest.fixture(scope="module")
+def engine(model):
+    """The shared fp32 engine for the tests that need no special configuration."""
+    e = Engine(model, EngineConfig(**FP32))
+    yield e
+    e.close()
+
+
+@contextmanager
+def closing(model, **config):
+    e = Engine(model, EngineConfig(**{**FP32, **config}))
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+@lru_cache(maxsize=None)
 def load(name):
     return decode_audio((AUDIO / name).read_bytes()).samples
 
@@ -28,13 +73,55 @@ def words(text):
     return normalize(text, "en").split()
 
 
-def test_batched_equals_sequential_on_real_speech(model):
+@contextmanager
+def together(engine):
+    """Submissions inside this block are admitted in the same step."""
+    with engine._cond:
+        yield
+
+
+def submit_together(engine, requests, **kwargs):
+    with together(engine):
+        return [engine.submit(audio, options, **kwargs) for audio, options in requests]
+
+
+_alone = {}
+
+
+def alone(engine, name):
+    """The file's text decoded alone by the shared fp32 engine (the reference)."""
+    if name not in _alone:
+        _alone[name] = engine.transcribe([(load(name), OPTIONS)])[0].text
+    return _alone[name]
+
+
+class Steps:
+    """on_step listener: the reports, and the step count at which each future resolved."""
+
+    def __init__(self):
+        self.reports = []
+
+    def __call__(self, report):
+        self.reports.append(report)
+
+    def done_at(self, future):
+        box = {}
+        future.add_done_callback(lambda f: box.setdefault("step", len(self.reports)))
+        return box
+
+
+# ---------------------------------------------------------------------------- accuracy
+
+
+def test_batched_equals_sequential_on_real_speech(engine):
     # fp32 like transcribe on cpu: the same tokens, window by window
-    engine = Engine(model, EngineConfig(pack_short=False, cpu_bf16=False))
-    names = ["jfk/jfk.flac", "english/OSR_us_000_0034_8k.wav"]  # 11 s and 35.5 s (two windows)
-    audios = [load(n) for n in names]
-    batched = engine.transcribe([(a, TranscriptionOptions()) for a in audios])
+    audios = [load(JFK), load(OSR)]
+    before = dict(engine.stats)
+    batched = [f.result() for f in submit_together(engine, [(a, OPTIONS) for a in audios])]
+    assert engine.stats["encoder_windows"] - before["encoder_windows"] >= 3  # 1 + 2 windows
     sequential = engine.transcribe([(a, TranscriptionOptions(mode="sequential")) for a in audios])
+    _alone.setdefault(JFK, batched[0].text)
+    _alone.setdefault(OSR, batched[1].text)
     for b, s in zip(batched, sequential):
         assert b.text == s.text
         assert b.language == "en" and b.segments
@@ -43,64 +130,52 @@ def test_batched_equals_sequential_on_real_speech(model):
         assert seg.avg_logprob < 0 and 0 <= seg.no_speech_prob <= 1 and seg.compression_ratio > 0
 
 
-def test_bf16_on_cpu_stays_close_to_fp32(model):
-    audio = load("english/OSR_us_000_0034_8k.wav")
-    fp32 = Engine(model, EngineConfig(cpu_bf16=False)).transcribe([(audio, TranscriptionOptions())])[0]
-    bf16 = Engine(model, EngineConfig(cpu_bf16=True)).transcribe([(audio, TranscriptionOptions())])[0]
-    ref, got = words(fp32.text), words(bf16.text)
+def test_bf16_on_cpu_stays_close_to_fp32(engine, model):
+    fp32 = alone(engine, OSR)
+    with closing(model, cpu_bf16=True) as bf16_engine:
+        assert bf16_engine.config.dtype == torch.bfloat16
+        bf16 = bf16_engine.transcribe([(load(OSR), OPTIONS)])[0].text
+    assert next(model.parameters()).dtype == torch.float32  # the loaded model was not cast
+    ref, got = words(fp32), words(bf16)
     assert abs(len(ref) - len(got)) <= 2
     assert sum(a != b for a, b in zip(ref, got)) <= max(2, len(ref) // 20)
 
 
-def test_long_request_cut_into_streams_loses_and_repeats_nothing(model):
-    # two utterances with a pause; cut at the pause into two streams decoded side by side
-    a, b = load("jfk/jfk.flac"), load("librispeech/test-clean/1221-135766-0001.wav")
-    audio = np.concatenate([a, np.zeros(16000, dtype=np.float32), b])
-    config = dict(pack_short=False, cpu_bf16=False)
-    whole = Engine(model, EngineConfig(split_long=False, **config)).transcribe([(audio, TranscriptionOptions())])[0]
-    engine = Engine(model, EngineConfig(split_long=True, min_stream_seconds=12, **config))
-    cut = engine.transcribe([(audio, TranscriptionOptions())])[0]
-    assert engine.stats["encoder_windows"] >= 2  # it was decoded as two streams
+@pytest.fixture(scope="module")
+def two_utterances(model):
+    """Two utterances with a 1 s pause (28.7 s), and its transcript cut at the pause into two
+    streams decoded side by side (with the steps' reports)."""
+    audio = np.concatenate([load(JFK), np.zeros(16000, dtype=np.float32),
+                            load("librispeech/test-clean/1221-135766-0001.wav")])
+    steps = Steps()
+    with closing(model, split_long=True, min_stream_seconds=12) as e:
+        e.on_step = steps
+        cut = e.transcribe([(audio, OPTIONS)])[0]
+        windows = e.stats["encoder_windows"]
+    return audio, cut, steps.reports, windows
+
+
+def test_long_request_cut_into_streams_loses_and_repeats_nothing(engine, two_utterances):
+    audio, cut, reports, _ = two_utterances
+    whole = engine.transcribe([(audio, OPTIONS)])[0]
+    assert reports[0].windows == 2 and reports[0].streams <= 2  # two streams side by side
     assert words(cut.text) == words(whole.text)
     starts = [s.start for s in cut.segments]
     assert starts == sorted(starts) and [s.id for s in cut.segments] == list(range(len(starts)))
 
 
-def test_silence_and_low_noise_give_no_invented_text(model):
-    engine = Engine(model, EngineConfig())
+def test_silence_and_low_noise_give_no_invented_text(engine):
     rng = np.random.default_rng(0)
     silent = np.zeros(16000 * 8, dtype=np.float32)
     noise = (0.001 * rng.standard_normal(16000 * 8)).astype(np.float32)
-    out = engine.transcribe([(silent, TranscriptionOptions()), (noise, TranscriptionOptions())])
-    assert out[0].text.strip() == ""
+    out = engine.transcribe([(silent, OPTIONS), (noise, OPTIONS)])
+    assert out[0].text.strip() == "" and not any(s.text.strip() for s in out[0].segments)
     assert len(words(out[1].text)) <= 2
 
 
-def test_packed_short_clips_return_to_their_requests(model):
-    names = ["jfk/jfk.flac", "english/LJ002-0020.wav", "librispeech/test-clean/2830-3980-0043.wav",
-             "english/LDC93S1.wav"]
-    audios = [load(n) for n in names]
-    alone = Engine(model, EngineConfig(pack_short=False)).transcribe(
-        [(a, TranscriptionOptions()) for a in audios])
-    engine = Engine(model, EngineConfig(pack_short=True))
-    packed = engine.transcribe([(a, TranscriptionOptions(word_timestamps=(i == 0)))
-                                for i, a in enumerate(audios)])
-    assert engine.stats["encoder_windows"] < len(names)  # they shared a window
-    for a, p, audio in zip(alone, packed, audios):
-        ref = words(a.text)
-        got = words(p.text)
-        errors = sum(x != y for x, y in zip(ref, got)) + abs(len(ref) - len(got))
-        assert errors <= max(1, len(ref) // 10), (a.text, p.text)
-        for s in p.segments:
-            assert 0 <= s.start <= s.end <= len(audio) / 16000 + 0.01
-    assert packed[0].segments[0].words and packed[1].segments[0].words is None
-
-
-def test_word_timestamps_are_monotonic_and_inside_segments(model):
-    engine = Engine(model, EngineConfig(pack_short=False))
-    (t,) = engine.transcribe([(load("english/OSR_us_000_0034_8k.wav"), TranscriptionOptions(word_timestamps=True))])
-    last = 0.0
-    n = 0
+def test_word_timestamps_are_monotonic_and_inside_segments(engine):
+    (t,) = engine.transcribe([(load(OSR), TranscriptionOptions(word_timestamps=True))])
+    last, n = 0.0, 0
     for s in t.segments:
         for w in s.words:
             assert s.start - 0.01 <= w.start <= w.end <= s.end + 0.01
@@ -108,3 +183,200 @@ def test_word_timestamps_are_monotonic_and_inside_segments(model):
             last = w.end
             n += 1
     assert n > 30
+
+
+# ---------------------------------------------------------------------------- scheduling
+
+
+def test_arrivals_during_a_step_join_the_next_step(engine, model):
+    steps = Steps()
+    with closing(model) as e:
+        e.on_step = steps
+        e.transcribe([(load(JFK), OPTIONS)])
+        deadline = time.monotonic() + 60
+        while not (steps.reports and steps.reports[-1].requests == 0) and time.monotonic() < deadline:
+            time.sleep(0.002)  # the last step's report may come after the answer
+        alone_steps = len(steps.reports)  # steps (chunks of tokens) jfk takes alone
+        steps.reports.clear()
+        long = e.submit(load(LONG)[: 60 * 16000], OPTIONS)  # 60 s: two or three windows
+        long_done = steps.done_at(long)
+        while not steps.reports and time.monotonic() < deadline:
+            time.sleep(0.002)
+        arrived_at = len(steps.reports)  # it arrives during step `arrived_at` (0-based) or before it
+        short = e.submit(load(JFK), OPTIONS)
+        short_done = steps.done_at(short)
+        text = short.result(timeout=120)
+        assert not long.done()  # no head-of-line blocking: the long one still has windows left
+        long.result(timeout=120)
+    assert steps.reports[0].first_window_waits  # the long one's
+    first = [i for i, r in enumerate(steps.reports) if i > 0 and r.first_window_waits]
+    assert first and first[0] in (arrived_at, arrived_at + 1), (arrived_at, first)
+    assert steps.reports[first[0]].windows == 2  # the long one's window and the short one's
+    # as many steps as alone (the done callback may come a step late)
+    assert short_done["step"] - first[0] <= alone_steps + 1, (first, short_done, alone_steps)
+    assert long_done["step"] - short_done["step"] >= 2 * alone_steps
+    assert text.text == alone(engine, JFK)
+
+
+def test_short_requests_are_not_held_back_by_a_long_one(engine, model):
+    # two pieces of about 70 s (three or four windows each) fill both places of the decode
+    # batch; a place that frees up while short requests wait must go to one of them (the long
+    # one already holds a window), not to the long one's next window
+    steps, decoded = Steps(), []
+    with closing(model, window_budget=2, split_long=True, min_stream_seconds=30) as e:
+        e.on_step = lambda r: (steps(r), decoded.append(e.stats["decoded_windows"]))
+        long = e.submit(load(LONG), OPTIONS)
+        shorts = [e.submit(load(n), OPTIONS) for n in SHORT[:3]]
+        done, unfinished_pieces = [steps.done_at(f) for f in shorts], []
+        for f in shorts:
+            f.add_done_callback(lambda _: unfinished_pieces.append(e.load()["streams"]))
+        texts = [f.result(timeout=120).text for f in shorts]
+        assert not long.done()  # the rest of it is not needed here: close() drops it
+    assert max(r.windows for r in steps.reports) <= 2
+    assert steps.reports[0].windows == 2  # the long one's two pieces
+    freed = decoded.index(1)  # the first step in which one of them ended
+    last = max(d["step"] for d in done)
+    # each short one starts as soon as a place frees up (about four steps each)
+    assert last <= freed + 1 + 4 * len(shorts), (freed, done)
+    assert unfinished_pieces[-1] == 2  # when the last one is done, neither piece of the long one is
+    assert texts == [alone(engine, n) for n in SHORT[:3]]
+
+
+@pytest.mark.parametrize("where", ["encode", "step"])
+def test_one_failing_window_fails_only_its_request(engine, model, where):
+    # the runner raises whenever the marked request's window is in the call: its encoder
+    # call (split in halves down to the window) or a chunk of the decode batch (the batch is
+    # dropped and its windows run again one at a time)
+    names = [JFK, SHORT[0], SHORT[1]]
+    with closing(model) as e:
+        original = getattr(e.runner, where)
+
+        def failing(arg):
+            if where == "encode":
+                marked = any(m.shape[-1] == len(load(SHORT[0])) // 160 for m in arg)  # mel frames
+            else:
+                marked = any(s.request.id == "marked" for s in e.runner.decoding)
+            if marked:
+                raise ValueError("bad window")
+            return original(arg)
+
+        setattr(e.runner, where, failing)
+        with together(e):
+            futures = [e.submit(load(n), OPTIONS, request_id="marked" if n == SHORT[0] else None)
+                       for n in names]
+        with pytest.raises(InternalError) as raised:
+            futures[1].result(timeout=60)
+        assert raised.value.status == 500 and "bad window" in raised.value.message
+        assert futures[0].result(timeout=60).text == alone(engine, JFK)
+        assert futures[2].result(timeout=60).text == alone(engine, SHORT[1])
+        assert e.stats["failed_requests"] == 1 and e.stats["finished_requests"] == 2
+        assert e.stats["oom_splits"] == 0 and e.window_budget == e.config.window_budget
+        # and it keeps serving
+        setattr(e.runner, where, original)
+        assert e.transcribe([(load(SHORT[0]), OPTIONS)])[0].text == alone(engine, SHORT[0])
+        assert e.load()["requests"] == 0
+
+
+def test_out_of_memory_step_is_split_and_lowers_the_budget(engine, model):
+    # the injected limit is one window in the decode batch: two windows starting together
+    # fail, the halves are tried, and the second half fails beside the first one's window
+    # in the batch; that is not "alone", so its request must not get a 507
+    names = [JFK] + SHORT[:3]
+    with closing(model, oom_above_windows=1, window_budget=4) as e:
+        futures = submit_together(e, [(load(n), OPTIONS) for n in names])
+        texts = [f.result(timeout=120).text for f in futures]
+        assert e.stats["oom_splits"] >= 1 and e.window_budget == 1
+        assert e.stats["failed_requests"] == 0
+    assert texts == [alone(engine, n) for n in names]
+
+
+def test_out_of_memory_for_one_window_alone_is_507(model):
+    with closing(model) as e:
+        encode = e.runner.encode
+
+        def oom(mels):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+        e.runner.encode = oom
+        future = e.submit(load(SHORT[1]), OPTIONS)
+        with pytest.raises(OutOfMemory) as raised:
+            future.result(timeout=60)
+        assert raised.value.status == 507
+        assert e.stats["oom_splits"] == 1 and e.stats["failed_requests"] == 1
+        e.runner.encode = encode
+        assert e.transcribe([(load(SHORT[1]), OPTIONS)])[0].text.strip()
+
+
+def test_cuts_of_a_long_request_do_not_depend_on_the_current_window_budget(model, two_utterances):
+    # EngineConfig promises that the pieces a long request is cut into depend on the request
+    # alone; engine._admit takes min(duration // min_stream_seconds, self.window_budget),
+    # and an out-of-memory error lowers self.window_budget for good
+    audio, before, _, windows = two_utterances
+    with closing(model, split_long=True, min_stream_seconds=12) as e:
+        e.window_budget = 1  # what an out-of-memory error on two windows leaves
+        after = e.transcribe([(audio, OPTIONS)])[0]
+        assert e.stats["encoder_windows"] == windows  # cut into the same two pieces
+    assert after.text == before.text
+    assert [(s.start, s.end) for s in after.segments] == [(s.start, s.end) for s in before.segments]
+
+
+def test_sampling_does_not_depend_on_the_neighbours(model):
+    # every window fails the compression check, so each is sampled at 0.6 and then again at
+    # 1.0 (keeping its encoder output), and the more probable sample is kept
+    schedule = (0.6, 1.0)
+    sampled = TranscriptionOptions(temperature=schedule, seed=0)
+    target = load(SHORT[0])  # 2.9 s; tiny.en's samples of it differ between seeds
+    with closing(model, compression_ratio_threshold=0.0) as e:
+        first = e.transcribe([(target, sampled)])[0]
+        assert {k: e.stats[k] for k in ("encoder_windows", "decoded_windows", "fallback_windows")} == {
+            "encoder_windows": 1, "decoded_windows": 2, "fallback_windows": 1}
+        assert first.segments and all(s.temperature in schedule for s in first.segments)
+        neighbours = [(load(SHORT[1 + i % 2]), TranscriptionOptions(temperature=(0.6,), seed=i)) for i in range(8)]
+        crowd = submit_together(e, [(target, sampled)] + neighbours)
+        among = crowd[0].result(timeout=120)
+        for f in crowd[1:]:
+            f.result(timeout=120)
+        after = e.transcribe([(target, sampled)])[0]  # after that sampled traffic
+        assert first.text == among.text == after.text
+        assert [s.temperature for s in first.segments] == [s.temperature for s in after.segments]
+
+
+def test_segments_are_streamed_in_order_before_the_answer(engine):
+    calls = []
+
+    def listener(segments):
+        calls.append((time.monotonic(), engine.stats["steps"], list(segments)))
+
+    future = engine.submit(load(OSR), OPTIONS, on_segments=listener)
+    done = {}
+    future.add_done_callback(lambda f: done.setdefault("at", time.monotonic()))
+    transcript = future.result(timeout=120)
+    time.sleep(0.05)  # the done callback runs in the finisher thread
+    segments = [s for _, _, batch in calls for s in batch]
+    assert len(calls) >= 2  # one call per decoded window (two windows)
+    assert [s.id for s in segments] == list(range(len(transcript.segments)))
+    assert "".join(s.text for s in segments) == transcript.text
+    assert [(s.start, s.end, s.text) for s in segments] == [(s.start, s.end, s.text) for s in transcript.segments]
+    assert calls[0][0] < done["at"] and calls[0][1] < engine.stats["steps"]  # after the first window
+
+
+def test_admission_refuses_beyond_the_cap(model):
+    with closing(model, max_inflight_audio_s=5) as e:
+        first = e.submit(load(JFK), OPTIONS)  # 11 s alone: admitted
+        with pytest.raises(Overloaded) as raised:
+            e.submit(load(SHORT[1]), OPTIONS)  # 1.5 s more
+        assert raised.value.status == 503 and raised.value.retry_after >= 1
+        assert e.load()["requests"] == 1
+        forced = e.submit(load(SHORT[1]), OPTIONS, admit_always=True)
+        assert first.result(timeout=120).text.strip() and forced.result(timeout=120).text.strip()
+        assert e.load() == {"requests": 0, "streams": 0, "inflight_audio_s": 0.0,
+                            "window_budget": e.config.window_budget}
+        assert e.submit(load(SHORT[1]), OPTIONS).result(timeout=120).text.strip()  # nothing in flight now
+
+
+def test_close_stops_the_thread(model):
+    e = Engine(model, EngineConfig(**FP32))
+    assert e._thread.is_alive()
+    e.close()
+    assert not e._thread.is_alive()
+    assert not any(t.name == "whisper-engine" and t is e._thread for t in threading.enumerate())
