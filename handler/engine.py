@@ -45,8 +45,9 @@ from formats import Segment, Transcript, Word
 from oom import is_out_of_memory
 from options import TranscriptionOptions
 from runner import ModelRunner, cpu_has_amx_bf16, gpu_window_budget
-from stream import Request, Stream, stream_clips, to_segment
-from windows import Thresholds, split_points
+from stream import Request, Stream, spans_in_frames, stream_clips, to_segment
+from vad import SileroVad
+from windows import FRAMES_PER_SECOND, Thresholds, split_points
 from word_timing import snap_words
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ class EngineConfig:
     compression_ratio_threshold: Optional[float] = 2.4
     logprob_threshold: Optional[float] = -1.0
     no_speech_threshold: Optional[float] = 0.6
+    # a window whose text repeats one run of words back to back more often than this falls
+    # back to a hotter temperature, like one failing the compression ratio (None: off)
+    max_repeats: Optional[int] = 3
     # whisper.transcribe's default; measured to change WER little either way
     condition_on_previous_text: bool = True
     # Cut long requests at pauses into streams decoded side by side (None: on cuda only; on
@@ -87,6 +91,13 @@ class EngineConfig:
     # (a request alone is always admitted: max_duration_s bounds it).
     max_inflight_audio_s: float = 8 * 3600
     oom_above_windows: int = 0  # tests only: runner calls with more windows raise an injected OOM
+    # Voice activity detection (requests with vad_filter): a pause between speech spans at
+    # least this long (or non-speech up to the end) is never decoded: a window ends where it
+    # starts and the seek jumps over it (across shorter pauses windows advance by Whisper's
+    # own timestamps); a window holding less speech than min_window_speech_s is not decoded
+    # (the residue after the last complete segment, where Whisper invents text).
+    vad_long_pause_s: float = 3.0
+    vad_min_window_speech_s: float = 0.5
 
     def resolved(self, dims=None) -> "EngineConfig":
         """Fill in the device-dependent defaults (`dims`: the model's ModelDimensions)."""
@@ -160,7 +171,7 @@ class Engine:
         # mode="sequential" is the seed's behaviour: the model as loaded, not a reduced copy
         self.sequential_model = model if c.cpu_bf16 else self.runner.model
         self.thresholds = Thresholds(c.compression_ratio_threshold, c.logprob_threshold,
-                                     c.no_speech_threshold)
+                                     c.no_speech_threshold, c.max_repeats)
         self.window_budget = c.window_budget  # lowered after an out-of-memory step
         self._steps_since_oom = 0
         self.on_step = on_step
@@ -170,7 +181,10 @@ class Engine:
             "oom_splits": 0, "failed_requests": 0, "finished_requests": 0, "audio_s": 0.0,
             "committed_audio_s": 0.0,  # audio the streams' seeks have moved past
             "mel_s": 0.0, "encode_s": 0.0, "decode_s": 0.0, "step_s": 0.0,
+            # voice activity detection: seconds spent, audio skipped, windows not decoded
+            "vad_s": 0.0, "vad_skipped_audio_s": 0.0, "vad_skipped_windows": 0,
         }
+        self.vad = SileroVad()
         self._cond = threading.Condition()
         self._inbox: Deque[Tuple[Request, Future]] = deque()
         self._inflight_audio_s = 0.0
@@ -230,6 +244,10 @@ class Engine:
                 request.mel = self.runner.mel(audio)
                 request.content_frames = request.mel.shape[-1] - N_FRAMES
                 self.stats["mel_s"] += time.perf_counter() - started
+                if options.vad_filter:  # per-request CPU work: here, not in the engine loop
+                    started = time.perf_counter()
+                    request.speech = spans_in_frames(self.vad.speech(audio, options.vad))
+                    self.stats["vad_s"] += time.perf_counter() - started
         except BaseException:
             self._release(request)
             raise
@@ -261,7 +279,8 @@ class Engine:
         t = np.arange(SAMPLE_RATE * 2) / SAMPLE_RATE
         clip = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
         stats = dict(self.stats)
-        self.transcribe([(clip, TranscriptionOptions(word_timestamps=True))] * 2)
+        # vad_filter off: the VAD would (rightly) find no speech in a tone, and nothing would run
+        self.transcribe([(clip, TranscriptionOptions(word_timestamps=True, vad_filter=False))] * 2)
         self.stats.update(stats)
         self.runner.warm_kernels()
 
@@ -342,11 +361,18 @@ class Engine:
             n_pieces = min(int(r.duration // c.min_stream_seconds), c.window_budget)
             cuts = split_points(r.audio, n_pieces)
         o = r.options
+        conditioned = o.condition_on_previous_text
+        if conditioned is None:
+            conditioned = c.condition_on_previous_text
         prompt = self.runner.tokenizer("en", o.task).encode(" " + o.prompt.strip()) if o.prompt else []
         r.streams = [
             Stream(request=r, piece=k, clip_start=a, clip_end=b, content_frames=r.content_frames,
-                   temperatures=tuple(o.temperature), word_timestamps=o.word_timestamps,
-                   initial_prompt=list(prompt), condition_on_previous_text=c.condition_on_previous_text)
+                   temperatures=tuple(o.temperature),
+                   word_timestamps=o.word_timestamps or o.hallucination_silence_threshold is not None,
+                   hallucination_silence_threshold=o.hallucination_silence_threshold,
+                   initial_prompt=list(prompt), condition_on_previous_text=conditioned,
+                   speech=r.speech, long_pause=round(c.vad_long_pause_s * FRAMES_PER_SECOND),
+                   min_window_speech=round(c.vad_min_window_speech_s * FRAMES_PER_SECOND))
             for k, (a, b) in enumerate(stream_clips(r.content_frames, cuts))
         ]
         if r.done:  # no audio frames at all
@@ -581,6 +607,8 @@ class Engine:
         self._release(r)
         self.stats["finished_requests"] += 1
         self.stats["audio_s"] += r.duration
+        self.stats["vad_skipped_audio_s"] += sum(s.skipped_frames for s in r.streams) / FRAMES_PER_SECOND
+        self.stats["vad_skipped_windows"] += sum(s.skips for s in r.streams)
         tokenizer = self.runner.tokenizer(r.language, r.options.task)
 
         def answer():
@@ -622,6 +650,8 @@ class Engine:
             audio, language=options.language, task=options.task, initial_prompt=options.prompt,
             temperature=temperature[0] if len(temperature) == 1 else tuple(temperature),
             word_timestamps=options.word_timestamps, fp16=bool(self.config.fp16),
+            **({} if options.condition_on_previous_text is None
+               else {"condition_on_previous_text": options.condition_on_previous_text}),
         )
         segments = [
             Segment(

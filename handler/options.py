@@ -10,12 +10,23 @@ own, with bytes or str values. Option names follow OpenAI's audio API where it h
 
 plus stream (true/false: answer with server-sent events, a delta per committed segment)
 and this service's own: word_timestamps (true/false, same as granularity "word"), mode
-("batched" | "sequential") and seed (the sampling seed of fallback temperatures, so the
-same request always gets the same answer). Any other name is rejected with the list of
-accepted ones, so a typo never silently falls back to a default.
+("batched" | "sequential"), seed (the sampling seed of fallback temperatures, so the
+same request always gets the same answer), condition_on_previous_text (true/false,
+whisper.transcribe's option: prompt each window with the text before it) and
+hallucination_silence_threshold (seconds, whisper.transcribe's option: skip silences
+longer than this around segments whose words look invented; word timestamps are computed
+for it even when the answer does not ask for them). Any other name is rejected with the
+list of accepted ones, so a typo never silently falls back to a default.
+
+Voice activity detection (vad.py) keeps non-speech away from the decoder: vad_filter
+(true/false, default true) turns it off, and OpenAI's `chunking_strategy` sets it: "auto"
+is the server's defaults, a {"type": "server_vad", "threshold", "prefix_padding_ms",
+"silence_duration_ms"} object (JSON text, or the bracketed fields OpenAI's SDK sends in a
+form: chunking_strategy[type]=server_vad, ...) maps onto VadOptions (threshold,
+speech_pad_ms, min_silence_duration_ms); fields it leaves out keep the server's defaults.
 
 OpenAI's newer parameters: `languages[]` (codes the language is detected among) is
-supported; `chunking_strategy` is accepted as "auto" (the server's own segmentation);
+supported; `chunking_strategy` as above;
 `include[]`, `keywords[]`, `known_speaker_names[]` and `known_speaker_references[]` are
 rejected with a 400 saying Whisper models do not support them (UNSUPPORTED).
 
@@ -26,12 +37,15 @@ OpenAI's routes (`openai_api`), 0 means that schedule too, as OpenAI's reference
 if either word_timestamps is true or the granularities include "word".
 """
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Sequence, Tuple
 
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
 from errors import InvalidOption, ModelNotLoaded
+from vad import VadOptions
 
 AUDIO_FIELDS = ("body", "file", "data", "audio")  # the upload itself, never an option
 DEFAULT_TEMPERATURE = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's fallback schedule
@@ -56,10 +70,20 @@ OPTIONS = (
     "seed",
     "languages",
     "chunking_strategy",
+    "vad_filter",
+    "condition_on_previous_text",
+    "hallucination_silence_threshold",
 )
 # OpenAI parameters for its newer models that Whisper cannot honour: a clear 400, not "unknown"
 UNSUPPORTED = ("include", "keywords", "known_speaker_names", "known_speaker_references")
 MAX_SEED = 2**32 - 1
+MAX_SILENCE_THRESHOLD_S = 30.0  # a window's length: a longer silence never fits in one
+# chunking_strategy server_vad field -> (VadOptions field, lowest, highest)
+SERVER_VAD = {
+    "threshold": ("threshold", 0.0, 1.0),
+    "prefix_padding_ms": ("speech_pad_ms", 0, 10_000),
+    "silence_duration_ms": ("min_silence_duration_ms", 0, 10_000),
+}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -77,6 +101,14 @@ class TranscriptionOptions:
     stream: bool = False  # server-sent events: a delta per segment, then the whole text
     seed: int = 0  # seeds the sampling at temperatures above 0 (fixed by default)
     languages: Tuple[str, ...] = ()  # detect the language among these codes only; () = all
+    vad_filter: bool = True  # skip non-speech (vad.py) instead of decoding it (batched mode)
+    vad: VadOptions = field(default_factory=VadOptions)  # chunking_strategy's, else the defaults
+    # prompt each window with the text before it (whisper.transcribe's option); None: the
+    # server's default (EngineConfig.condition_on_previous_text)
+    condition_on_previous_text: Optional[bool] = None
+    # whisper's hallucination_silence_threshold (seconds): skip silences longer than this
+    # around a suspected hallucination, judged by word timestamps (computed for it)
+    hallucination_silence_threshold: Optional[float] = None
     openai_api: bool = False  # the request came through OpenAI's routes (the proxy says so)
 
 
@@ -149,6 +181,49 @@ def _temperature(value: str) -> Tuple[float, ...]:
     return temps
 
 
+def _chunking_strategy(value, fields: Mapping[str, str]) -> Optional[VadOptions]:
+    """OpenAI's chunking_strategy: "auto" (None: the server's VAD defaults), or a server_vad
+    object given as JSON text (`value`) or as bracketed form fields (`fields`)."""
+    name = "chunking_strategy"
+    if value is not None and fields:
+        raise InvalidOption(name, "Option 'chunking_strategy' was given both as a value and as "
+                            "chunking_strategy[...] fields.")
+    if value is not None:
+        if value.lower() == "auto":
+            return None
+        try:
+            spec = json.loads(value)
+        except ValueError:
+            spec = None
+        if not isinstance(spec, dict):
+            raise InvalidOption(name, f"Invalid chunking_strategy '{value}'; allowed values: auto, or a "
+                                "JSON object {\"type\": \"server_vad\", \"threshold\": 0-1, "
+                                "\"prefix_padding_ms\": 0-10000, \"silence_duration_ms\": 0-10000}.")
+    else:
+        spec = dict(fields)
+    if spec.get("type") != "server_vad":
+        raise InvalidOption(name, f"Invalid chunking_strategy type {spec.get('type')!r}; allowed: "
+                            "server_vad (or the value auto).")
+    unknown = sorted(set(spec) - set(SERVER_VAD) - {"type"})
+    if unknown:
+        raise InvalidOption(name, f"Unknown chunking_strategy field(s) {', '.join(unknown)}; accepted: "
+                            f"type, {', '.join(SERVER_VAD)}.")
+    vad = {}
+    for key, (target, lo, hi) in SERVER_VAD.items():
+        if key not in spec:
+            continue
+        raw = spec[key]
+        try:
+            number = float(raw) if not isinstance(raw, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not lo <= number <= hi:  # NaN fails too
+            raise InvalidOption(name, f"Invalid chunking_strategy {key} {raw!r}; allowed values: a "
+                                f"number from {lo} to {hi}.")
+        vad[target] = number if isinstance(lo, float) else int(round(number))
+    return replace(VadOptions(), **vad)
+
+
 def _model_key(name: str) -> str:
     # "openai/whisper-base", "whisper-base", "whisper_base" and "base" all name base.
     key = name.strip().lower()
@@ -187,8 +262,12 @@ def parse_options(
     if default_mode not in MODES:
         raise ValueError(f"default_mode must be one of {MODES}, not {default_mode!r}")
     values = {}  # option name -> list of its text values
+    chunking = {}  # chunking_strategy[field] -> its text value (OpenAI's SDK sends objects so)
     for key, value in fields.items():
         if key in AUDIO_FIELDS:
+            continue
+        if key.startswith("chunking_strategy[") and key.endswith("]") and not key.endswith("[]"):
+            chunking[key[len("chunking_strategy["):-1]] = _text("chunking_strategy", value)
             continue
         name = key[:-2] if key.endswith("[]") else key
         if name in UNSUPPORTED:
@@ -242,11 +321,27 @@ def parse_options(
         kwargs["stream"] = _bool("stream", value)
     if (value := one("seed")) is not None:
         kwargs["seed"] = _seed(value)
-    if (value := one("chunking_strategy")) is not None and value.lower() != "auto":
-        raise InvalidOption(
-            "chunking_strategy", f"Invalid chunking_strategy '{value}'; allowed values: auto "
-            "(this server's own segmentation)."
-        )
+    if (value := one("condition_on_previous_text")) is not None:
+        kwargs["condition_on_previous_text"] = _bool("condition_on_previous_text", value)
+    if (value := one("hallucination_silence_threshold")) is not None:
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = math.nan
+        if not 0 < threshold <= MAX_SILENCE_THRESHOLD_S:  # NaN fails too
+            raise InvalidOption(
+                "hallucination_silence_threshold", f"Invalid hallucination_silence_threshold '{value}'; "
+                f"allowed values: seconds above 0, at most {MAX_SILENCE_THRESHOLD_S:g}.")
+        kwargs["hallucination_silence_threshold"] = threshold
+    if (value := one("vad_filter")) is not None:
+        kwargs["vad_filter"] = _bool("vad_filter", value)
+    if (value := one("chunking_strategy")) is not None or chunking:
+        vad = _chunking_strategy(value, chunking)
+        if vad is not None:
+            if not kwargs.get("vad_filter", True):
+                raise InvalidOption("chunking_strategy", "chunking_strategy server_vad asks for voice "
+                                    "activity detection, which vad_filter=false turns off.")
+            kwargs["vad"] = vad
     hints = []
     for value in values.get("languages", []):
         for item in value.split(","):

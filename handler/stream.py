@@ -14,8 +14,17 @@ decoded and the last speech timestamp of word timing. It never touches a model:
 
 so every rule of seeking, fallback, silence and prompt reset is tested with synthetic
 decoded windows (tests/unit/test_stream.py).
+
+With voice activity detection (`speech`: the request's speech spans in mel frames, from
+vad.py) a stream also owns the rule that keeps non-speech away from the decoder: a window
+ends where speech is followed by a long pause (`long_pause`) or by nothing, the seek jumps
+over such a pause to the next speech start, and a window that would hold less than
+`min_window_speech` frames of speech is not decoded (the tails where Whisper invents
+text). Inside speech and across short pauses, windows advance by Whisper's own timestamps.
 """
 
+import bisect
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -24,7 +33,8 @@ from whisper.audio import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from whisper.utils import get_end
 
 from formats import Segment, Transcript, Word
-from windows import FRAMES_PER_SECOND, Thresholds, best_attempt, is_silence, needs_fallback, parse_window
+from windows import (FRAMES_PER_SECOND, Thresholds, best_attempt, is_silence, needs_fallback, parse_window,
+                     skip_hallucinated_silence)
 
 
 @dataclass
@@ -38,6 +48,8 @@ class Proposal:
     silent: bool = False
     temperature: float = 0.0
     time_offset: float = 0.0  # seconds at the window's start
+    seek: int = 0  # the window's start and size, mel frames
+    size: int = 0
 
 
 @dataclass(eq=False)
@@ -63,21 +75,89 @@ class Stream:
     level: int = 0  # fallback level of the window being decoded
     attempts: List[Any] = field(default_factory=list)
     windows: int = 0  # windows committed
+    # voice activity: sorted, disjoint (start, end) mel frames of speech; None: all is speech
+    speech: Optional[Sequence[Tuple[int, int]]] = None
+    long_pause: int = 3 * FRAMES_PER_SECOND  # a pause this long is not decoded (frames)
+    min_window_speech: int = FRAMES_PER_SECOND // 2  # less speech than this: the window is skipped
+    # whisper's hallucination_silence_threshold (seconds; needs word_timestamps): skip the
+    # silence around a suspected hallucination (windows.skip_hallucinated_silence)
+    hallucination_silence_threshold: Optional[float] = None
+    skipped_frames: int = 0  # frames the seek jumped over as non-speech
+    skips: int = 0  # jumps of the seek over non-speech (each one a window not decoded)
+    _span_ends: List[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
         if self.seek < 0:
             self.seek = self.clip_start
         if not self.all_tokens:
             self.all_tokens = list(self.initial_prompt)
+        self._span_ends = [b for _, b in self.speech or ()]
+        self.skip_to_speech()
+
+    @property
+    def end(self) -> int:
+        """Mel frame where this stream stops: its clip's end or the audio's."""
+        return min(self.clip_end, self.content_frames)
 
     @property
     def done(self) -> bool:
-        return self.seek >= min(self.clip_end, self.content_frames)
+        return self.seek >= self.end
 
     @property
     def window_size(self) -> int:
-        """Mel frames of audio in the current window (at most N_FRAMES)."""
-        return max(0, min(N_FRAMES, self.content_frames - self.seek))
+        """Mel frames of audio in the current window (at most N_FRAMES): with voice activity,
+        up to the end of the speech run it starts in when that run ends inside it."""
+        end = min(self.seek + N_FRAMES, self.content_frames)
+        if self.speech is not None:
+            end = min(end, self.speech_run_end(self.seek))
+        return max(0, end - self.seek)
+
+    def speech_run_end(self, frame: int) -> int:
+        """End of the run of speech at or after `frame`: spans less than `long_pause` apart
+        are one run; the last run ends where its last span ends."""
+        end = None
+        for a, b in self._spans_after(frame):
+            if end is not None and a - end >= self.long_pause:
+                break
+            end = b
+        return self.content_frames if end is None else min(end, self.content_frames)
+
+    def speech_frames(self, start: int, end: int) -> int:
+        """Frames of speech between `start` and `end`."""
+        total = 0
+        for a, b in self._spans_after(start):
+            if a >= end:
+                break
+            total += min(b, end) - max(a, start)
+        return total
+
+    def _spans_after(self, frame: int):
+        """The speech spans that end after `frame`, in order (bisect: long files have
+        thousands of spans)."""
+        return itertools.islice(self.speech or (), bisect.bisect_right(self._span_ends, frame), None)
+
+    def skip_to_speech(self) -> None:
+        """VAD's rule for the next window (nothing without `speech`): move the seek over a
+        long pause (at least `long_pause`, or up to the end) to the next speech start, and
+        past a run's last window when that window would hold less than `min_window_speech`
+        frames of speech."""
+        if self.speech is None:
+            return
+        seek = self.seek
+        while seek < self.end:
+            start = next((max(a, seek) for a, _ in self._spans_after(seek)), self.end)
+            if start >= self.end or start - seek >= self.long_pause:
+                seek = min(start, self.end)  # a shorter pause is decoded, as Whisper would
+                continue
+            run_end = self.speech_run_end(seek)
+            if run_end <= seek + N_FRAMES and self.speech_frames(seek, run_end) < self.min_window_speech:
+                seek = min(max(run_end, seek + 1), self.end)
+                continue
+            break
+        if seek > self.seek:  # one jump, one window not decoded
+            self.skipped_frames += seek - self.seek
+            self.skips += 1
+            self.seek = seek
 
     @property
     def temperature(self) -> float:
@@ -110,7 +190,7 @@ class Stream:
         time_offset = self.seek * HOP_LENGTH / SAMPLE_RATE
         if is_silence(result, thresholds):
             return Proposal([], self.seek + size, silent=True, temperature=result.temperature,
-                            time_offset=time_offset)
+                            time_offset=time_offset, seek=self.seek, size=size)
         parsed = parse_window(result.tokens, tokenizer.timestamp_begin, self.seek, size)
         pieces, next_seek, reached_cut = parsed.segments, parsed.next_seek, False
         if self.clip_end < self.content_frames:
@@ -129,7 +209,7 @@ class Stream:
             for p in pieces
         ]
         return Proposal(segments, next_seek, parsed.single_timestamp_ending, reached_cut,
-                        temperature=result.temperature, time_offset=time_offset)
+                        temperature=result.temperature, time_offset=time_offset, seek=self.seek, size=size)
 
     def commit(self, proposal: Proposal) -> List[dict]:
         """Apply a proposal (with word timestamps added to its segments when the stream asked
@@ -138,7 +218,13 @@ class Stream:
         self.windows += 1
         self.seek = proposal.next_seek
         if proposal.silent:
+            self.skip_to_speech()
             return []
+        segments = self._commit_segments(proposal)
+        self.skip_to_speech()
+        return segments
+
+    def _commit_segments(self, proposal: Proposal) -> List[dict]:
         segments = proposal.segments
         if self.word_timestamps:
             last_word_end = get_end(segments)
@@ -146,6 +232,15 @@ class Stream:
                     and last_word_end is not None and last_word_end > proposal.time_offset):
                 # transcribe seeks to the last word's end when words are timed
                 self.seek = round(last_word_end * FRAMES_PER_SECOND)
+            if self.hallucination_silence_threshold is not None and not proposal.reached_cut:
+                cut = skip_hallucinated_silence(
+                    segments, self.hallucination_silence_threshold, proposal.seek, proposal.size, self.seek,
+                    proposal.single_timestamp_ending, self.last_speech_timestamp, self.content_frames)
+                self.seek = cut.next_seek
+                if cut.drop_window:  # as transcribe's `continue`: nothing of it is kept
+                    return []
+                segments = cut.segments
+                last_word_end = get_end(segments)
             if last_word_end is not None:
                 self.last_speech_timestamp = last_word_end
         # an instantaneous or textless segment is kept empty, as transcribe does
@@ -173,6 +268,7 @@ class Request:
     language: Optional[str] = None  # None until detected
     mel: Any = None  # log-mel of the whole audio plus 30 s of padding (the runner's tensor)
     content_frames: int = 0
+    speech: Optional[List[Tuple[int, int]]] = None  # speech spans in mel frames (vad.py); None: no VAD
     streams: List[Stream] = field(default_factory=list)
     on_segments: Optional[Callable[[List[Segment]], None]] = None
     first_window_at: Optional[float] = None
@@ -227,6 +323,11 @@ def to_segment(d: dict, id: int, want_words: bool, duration: float) -> Segment:
                for w in d.get("words") or []]
         if want_words else None,
     )
+
+
+def spans_in_frames(spans: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """Speech spans in samples (vad.py) -> mel frames, widened to whole frames."""
+    return [(a // HOP_LENGTH, -(-b // HOP_LENGTH)) for a, b in spans]
 
 
 def stream_clips(content_frames: int, cuts: Sequence[int]) -> List[Tuple[int, int]]:

@@ -1,14 +1,17 @@
 """Pure logic of the engine: parsing one decoded window into segments and the next seek,
-fallback and silence checks, and splitting long audio at silences. No model here;
+fallback checks (compression ratio, log-probability, repeated runs of words) and silence
+checks, and splitting long audio at silences. No model here;
 everything is testable with plain lists and arrays.
 """
 
+import string
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from whisper.audio import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
+from whisper.utils import get_end
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 INPUT_STRIDE = 2  # mel frames per audio token
@@ -83,6 +86,26 @@ class Thresholds:
     compression_ratio: Optional[float] = 2.4
     logprob: Optional[float] = -1.0
     no_speech: Optional[float] = 0.6
+    # more back-to-back copies of one run of words than this is a loop; the compression
+    # ratio misses loops in short windows (a sentence three times gzips to under 2.4)
+    max_repeats: Optional[int] = 3
+
+
+MAX_NGRAM_WORDS = 10  # longest run of words whose repeats are counted
+
+
+def longest_repeat(text: str, max_n: int = MAX_NGRAM_WORDS) -> int:
+    """The most back-to-back copies of one n-gram of words (1 <= n <= max_n) in `text`,
+    case and punctuation ignored: 1 when nothing repeats, 0 for no words."""
+    words = [w for w in (w.strip(string.punctuation).lower() for w in text.split()) if w]
+    best = 1 if words else 0
+    for n in range(1, max_n + 1):
+        for start in range(len(words) - 2 * n + 1):
+            gram, count = words[start: start + n], 1
+            while words[start + count * n: start + (count + 1) * n] == gram:
+                count += 1
+            best = max(best, count)
+    return best
 
 
 def best_attempt(attempts: Sequence, thresholds: Thresholds):
@@ -100,6 +123,8 @@ def needs_fallback(result, thresholds: Thresholds) -> bool:
     t = thresholds
     failed = False
     if t.compression_ratio is not None and result.compression_ratio > t.compression_ratio:
+        failed = True
+    if t.max_repeats is not None and longest_repeat(result.text) > t.max_repeats:
         failed = True
     if t.logprob is not None and result.avg_logprob < t.logprob:
         failed = True
@@ -122,6 +147,90 @@ def is_silence(result, thresholds: Thresholds) -> bool:
     if t.logprob is not None and result.avg_logprob > t.logprob:
         skip = False  # confident text despite the no-speech probability
     return skip
+
+
+# ---------------------------------------------------------------- hallucination_silence_threshold
+
+PUNCTUATION = "\"'“¿([{-\"'.。,，!！?？:：”)]}、"  # whisper.transcribe's, left out of anomaly scores
+
+
+def word_anomaly_score(word: dict) -> float:
+    """whisper.transcribe's: improbable, very short or very long words score high."""
+    probability = word.get("probability", 0.0)
+    duration = word["end"] - word["start"]
+    score = 0.0
+    if probability < 0.15:
+        score += 1.0
+    if duration < 0.133:
+        score += (0.133 - duration) * 15
+    if duration > 2.0:
+        score += duration - 2.0
+    return score
+
+
+def is_segment_anomaly(segment: Optional[dict]) -> bool:
+    """A segment whose first eight words look invented (whisper.transcribe's rule)."""
+    if segment is None or not segment["words"]:
+        return False
+    words = [w for w in segment["words"] if w["word"] not in PUNCTUATION][:8]
+    score = sum(word_anomaly_score(w) for w in words)
+    return score >= 3 or score + 0.01 >= len(words)
+
+
+def _next_words_segment(segments: Sequence[dict]) -> Optional[dict]:
+    return next((s for s in segments if s["words"]), None)
+
+
+@dataclass
+class SilenceSkip:
+    segments: List[dict]  # the window's segments that are kept
+    next_seek: int
+    drop_window: bool = False  # nothing of the window is kept, not even its prompt update
+
+
+def skip_hallucinated_silence(segments: List[dict], threshold: float, seek: int, segment_size: int,
+                              next_seek: int, single_timestamp_ending: bool,
+                              last_speech_timestamp: float, content_frames: int) -> SilenceSkip:
+    """openai-whisper's hallucination_silence_threshold on one window whose segments have
+    word timestamps (dicts with "words"): when a suspected hallucination is surrounded by
+    more than `threshold` seconds of silence, drop it and everything after it in the window
+    and seek to it; skip leading silence before a suspected first segment. `next_seek` is
+    the seek the window moves to otherwise (frames)."""
+    time_offset = seek * HOP_LENGTH / SAMPLE_RATE
+    window_end_time = (seek + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE
+    segment_duration = segment_size * HOP_LENGTH / SAMPLE_RATE
+    content_duration = content_frames * HOP_LENGTH / SAMPLE_RATE
+    if not single_timestamp_ending:
+        last_word_end = get_end(segments)
+        if last_word_end is not None and last_word_end > time_offset:
+            if window_end_time - last_word_end > threshold:
+                next_seek = round(last_word_end * FRAMES_PER_SECOND)
+            else:
+                next_seek = seek + segment_size
+    first = _next_words_segment(segments)
+    if first is not None and is_segment_anomaly(first):
+        gap = first["start"] - time_offset
+        if gap > threshold:
+            return SilenceSkip([], seek + round(gap * FRAMES_PER_SECOND), drop_window=True)
+    last_end = last_speech_timestamp
+    for k, segment in enumerate(segments):
+        if not segment["words"]:
+            continue
+        if is_segment_anomaly(segment):
+            following = _next_words_segment(segments[k + 1:])
+            next_start = (following["words"][0]["start"] if following is not None
+                          else time_offset + segment_duration)
+            silence_before = (segment["start"] - last_end > threshold or segment["start"] < threshold
+                              or segment["start"] - time_offset < 2.0)
+            silence_after = (next_start - segment["end"] > threshold or is_segment_anomaly(following)
+                             or window_end_time - segment["end"] < 2.0)
+            if silence_before and silence_after:
+                next_seek = round(max(time_offset + 1, segment["start"]) * FRAMES_PER_SECOND)
+                if content_duration - segment["end"] < threshold:
+                    next_seek = content_frames
+                return SilenceSkip(segments[:k], next_seek)
+        last_end = segment["end"]
+    return SilenceSkip(segments, next_seek)
 
 
 # ---------------------------------------------------------------- splitting long audio

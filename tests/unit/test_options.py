@@ -15,6 +15,7 @@ from options import (
     TranscriptionOptions,
     parse_options,
 )
+from vad import VadOptions
 
 
 def parse(fields, model_name="base", multilingual=True, **kwargs):
@@ -238,6 +239,70 @@ def test_languages_hint_is_validated_and_kept_in_order():
     assert "this model's languages" in rejects({"languages[]": "xx"}, "language")
 
 
-def test_chunking_strategy_auto_only():
+def test_vad_filter_defaults_on_and_takes_a_boolean():
+    assert TranscriptionOptions().vad_filter and parse({}).vad_filter
+    assert parse({"vad_filter": "false"}).vad_filter is False
+    assert parse({"vad_filter": b"true"}).vad_filter is True
+    assert "allowed values: true, false" in rejects({"vad_filter": "maybe"}, "vad_filter")
+
+
+def test_chunking_strategy_auto_is_the_default_vad():
     assert parse({"chunking_strategy": "auto"}) == TranscriptionOptions()
-    assert "allowed values: auto" in rejects({"chunking_strategy": '{"type": "server_vad"}'}, "chunking_strategy")
+    assert parse({"chunking_strategy": "AUTO"}).vad == VadOptions()
+
+
+def test_chunking_strategy_server_vad_maps_onto_the_vad_options():
+    spec = '{"type": "server_vad", "threshold": 0.7, "prefix_padding_ms": 300, "silence_duration_ms": 800}'
+    vad = parse({"chunking_strategy": spec}).vad
+    assert vad == VadOptions(threshold=0.7, speech_pad_ms=300, min_silence_duration_ms=800)
+    # fields left out keep the server's defaults
+    assert parse({"chunking_strategy": '{"type": "server_vad", "threshold": 0.3}'}).vad == VadOptions(threshold=0.3)
+    assert parse({"chunking_strategy": '{"type": "server_vad"}'}).vad == VadOptions()
+
+
+def test_chunking_strategy_as_the_bracketed_fields_of_openais_sdk():
+    # openai-python flattens an object in a multipart form to chunking_strategy[field]=value
+    fields = {"chunking_strategy[type]": "server_vad", "chunking_strategy[threshold]": b"0.6",
+              "chunking_strategy[silence_duration_ms]": "500"}
+    assert parse(fields).vad == VadOptions(threshold=0.6, min_silence_duration_ms=500)
+    assert "type" in rejects({"chunking_strategy[threshold]": "0.6"}, "chunking_strategy")
+
+
+@pytest.mark.parametrize("spec, words", [
+    ('{"type": "server_vad", "threshold": 1.5}', "threshold"),
+    ('{"type": "server_vad", "threshold": -0.1}', "threshold"),
+    ('{"type": "server_vad", "threshold": "NaN"}', "threshold"),
+    ('{"type": "server_vad", "threshold": true}', "threshold"),
+    ('{"type": "server_vad", "prefix_padding_ms": 10001}', "prefix_padding_ms"),
+    ('{"type": "server_vad", "silence_duration_ms": -1}', "silence_duration_ms"),
+    ('{"type": "server_vad", "silence_duration_ms": "long"}', "silence_duration_ms"),
+    ('{"type": "server_vad", "create_response": true}', "create_response"),
+    ('{"type": "semantic_vad"}', "semantic_vad"),
+    ('{"threshold": 0.5}', "type"),
+    ("[1, 2]", "allowed values: auto"),
+    ("manual", "allowed values: auto"),
+])
+def test_chunking_strategy_is_validated_naming_the_field(spec, words):
+    assert words in rejects({"chunking_strategy": spec}, "chunking_strategy")
+
+
+def test_chunking_strategy_server_vad_conflicts_with_vad_filter_off():
+    spec = '{"type": "server_vad"}'
+    assert "vad_filter=false" in rejects({"chunking_strategy": spec, "vad_filter": "false"}, "chunking_strategy")
+    assert not parse({"chunking_strategy": "auto", "vad_filter": "false"}).vad_filter
+
+
+def test_condition_on_previous_text_is_a_boolean_or_the_servers_default():
+    assert parse({}).condition_on_previous_text is None
+    assert parse({"condition_on_previous_text": "false"}).condition_on_previous_text is False
+    assert parse({"condition_on_previous_text": "TRUE"}).condition_on_previous_text is True
+    assert "allowed values: true, false" in rejects({"condition_on_previous_text": "2"}, "condition_on_previous_text")
+
+
+def test_hallucination_silence_threshold_is_seconds_within_a_window():
+    assert parse({}).hallucination_silence_threshold is None
+    assert parse({"hallucination_silence_threshold": "2"}).hallucination_silence_threshold == 2.0
+    assert parse({"hallucination_silence_threshold": b"0.5"}).hallucination_silence_threshold == 0.5
+    for bad in ("0", "-1", "31", "nan", "inf", "two"):
+        message = rejects({"hallucination_silence_threshold": bad}, "hallucination_silence_threshold")
+        assert "at most 30" in message

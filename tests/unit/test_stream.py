@@ -9,7 +9,7 @@ from whisper.tokenizer import get_tokenizer
 
 from decoding import DecodedWindow
 from options import TranscriptionOptions
-from stream import Request, Stream, stream_clips
+from stream import Request, Stream, spans_in_frames, stream_clips
 from windows import Thresholds
 
 TOKENIZER = get_tokenizer(False)  # English-only, as tiny.en
@@ -173,6 +173,84 @@ def test_confident_text_is_not_silence():
     assert not proposal.silent and spans(new) == [(0.0, 1.0, " Yes.")]
 
 
+# ---------------------------------------------------------------- voice activity (speech spans)
+
+
+def test_no_speech_at_all_is_done_before_any_window():
+    s = stream(content_frames=6000, speech=[])
+    assert s.done and s.seek == 6000 and s.skips == 1 and s.skipped_frames == 6000 and s.windows == 0
+
+
+def test_without_spans_nothing_is_skipped():
+    s = stream(content_frames=6000)
+    assert s.seek == 0 and s.window_size == 3000 and s.skips == 0
+
+
+def test_first_window_starts_at_the_first_speech():
+    s = stream(content_frames=6000, speech=[(1200, 2500)])
+    assert s.seek == 1200 and s.skips == 1 and s.skipped_frames == 1200
+    # the window ends where the speech does (nothing after it): the rest is never decoded
+    assert s.window_size == 1300
+
+
+def test_a_short_pause_before_the_first_speech_is_decoded_as_whisper_would():
+    s = stream(content_frames=6000, speech=[(120, 2500)], long_pause=300)
+    assert s.seek == 0 and s.skips == 0 and s.window_size == 2500
+
+
+def test_window_ends_at_a_long_pause_but_not_a_short_one():
+    # pauses shorter than long_pause (500 frames here) stay inside the window
+    s = stream(content_frames=20000, speech=[(0, 1000), (1300, 2000), (9000, 9500)], long_pause=500)
+    assert s.window_size == 2000
+    # a run longer than a window: Whisper's 30 s
+    s = stream(content_frames=20000, speech=[(0, 1000), (1300, 5000)], long_pause=500)
+    assert s.window_size == 3000
+
+
+def test_seek_that_lands_in_a_pause_jumps_to_the_next_speech_start():
+    s = stream(content_frames=20000, speech=[(0, 1000), (1300, 2000), (9000, 9600)], long_pause=500)
+    apply(s, decoded(seg(0, " Hello there.", 9.6), seg(13.5, " Again.", 19.9)))
+    # single timestamp ending: the window (up to 2000) is done; the seek jumps over 70 s
+    assert s.seek == 9000 and s.skips == 1 and s.skipped_frames == 7000
+    assert s.window_size == 600
+    _, new = apply(s, decoded(seg(0.2, " Bye.", 5.8)))
+    assert spans(new) == [(90.0, 95.8, " Bye.")]
+    assert s.done and s.seek == 20000 and s.skips == 2 and s.skipped_frames == 7000 + 10400
+
+
+def test_a_window_with_too_little_speech_left_is_not_decoded():
+    # the residue after the last complete segment: 30 frames of a padded span
+    s = stream(content_frames=1100, speech=[(0, 1000)], min_window_speech=50)
+    _, new = apply(s, decoded(seg(0, " All of it.", 9.7), open_seg(9.7, " and")))
+    assert spans(new) == [(0.0, 9.7, " All of it.")]
+    assert s.done and s.seek == 1100 and s.skips == 1 and s.windows == 1
+
+
+def test_a_short_run_of_speech_is_skipped_but_a_longer_one_decoded():
+    s = stream(content_frames=9000, speech=[(400, 430), (5000, 5100)], min_window_speech=50)
+    assert s.seek == 5000 and s.skips == 1  # to 400, past the 30-frame run, to 5000: one jump
+    assert s.window_size == 100 and not s.done
+
+
+def test_silent_window_jumps_to_the_next_speech():
+    s = stream(content_frames=20000, speech=[(0, 800), (12000, 13000)])
+    _, new = apply(s, decoded([ts(0), TOKENIZER.eot], avg_logprob=-2.0, no_speech=0.9))
+    assert new == [] and s.seek == 12000 and s.skips == 1
+
+
+def test_a_cut_stream_skips_no_further_than_its_clip():
+    s = stream(content_frames=9000, clip=(0, 3000), speech=[(100, 900), (5000, 6000)])
+    apply(s, decoded(seg(0, " First.", 8.0)))
+    assert s.done and s.seek == 3000  # the next piece starts at its clip, at 3000
+    later = stream(content_frames=9000, clip=(3000, 9000), speech=[(100, 900), (5000, 6000)])
+    assert later.seek == 5000 and later.window_size == 1000
+
+
+def test_speech_spans_in_samples_become_whole_mel_frames():
+    assert spans_in_frames([(0, 16000), (16001, 32159)]) == [(0, 100), (100, 201)]
+    assert spans_in_frames([]) == []
+
+
 # ---------------------------------------------------------------- prompts
 
 
@@ -243,6 +321,23 @@ def test_instant_and_textless_segments_are_kept_empty():
     _, new = apply(s, decoded(seg(0, " Hi", 0.0), seg(0.5, " ", 1.0), seg(1.0, " Yes.", 2.0), open_seg(3.0, " x")))
     assert [(d["text"], d["tokens"], d.get("words")) for d in new[:2]] == [("", [], []), ("", [], [])]
     assert s.all_tokens == seg(1.0, " Yes.", 2.0)
+
+
+def test_hallucination_silence_threshold_drops_a_suspect_after_silence():
+    s = stream(word_timestamps=True, hallucination_silence_threshold=2.0)
+    sure = [(" Hello", 0.0, 0.8), (" there.", 0.9, 1.8)]
+    _, new = apply(s, decoded(seg(0, " Hello there.", 2.0), seg(10.0, " Subscribe.", 10.1)),
+                   words=[sure, [(" Subscribe.", 10.0, 10.05)]])  # a 50 ms word: suspect
+    assert spans(new) == [(0.0, 2.0, " Hello there.")]
+    assert s.seek == 1000 and s.all_tokens == seg(0, " Hello there.", 2.0)
+    assert s.last_speech_timestamp == 1.8
+
+
+def test_hallucination_silence_threshold_drops_a_window_opening_with_a_suspect():
+    s = stream(word_timestamps=True, hallucination_silence_threshold=2.0, seek=1000)
+    _, new = apply(s, decoded(seg(12.0, " Thanks", 13.0), seg(13.0, " for watching.", 14.0)),
+                   words=[[(" Thanks", 22.0, 22.02)], [(" for", 23.0, 23.02), (" watching.", 23.02, 23.04)]])
+    assert new == [] and s.segments == [] and s.seek == 1000 + 1200 and s.windows == 1
 
 
 # ---------------------------------------------------------------- requests

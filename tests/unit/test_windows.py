@@ -15,8 +15,11 @@ from windows import (  # noqa: E402
     Thresholds,
     best_attempt,
     is_silence,
+    longest_repeat,
+    is_segment_anomaly,
     needs_fallback,
     parse_window,
+    skip_hallucinated_silence,
     split_points,
 )
 
@@ -107,6 +110,30 @@ def test_all_temperatures_failed_keeps_the_most_probable_attempt():
     assert best_attempt([looping, result(avg_logprob=-0.1, compression=2.9)], t).avg_logprob == -0.1
 
 
+def test_longest_repeat_counts_back_to_back_copies_of_a_run_of_words():
+    assert longest_repeat("") == 0 and longest_repeat("Hello.") == 1
+    assert longest_repeat("And so, my fellow Americans, ask not what your country can do for you.") == 1
+    assert longest_repeat("you you") == 2
+    assert longest_repeat("Thank you. Thank you. thank you, THANK YOU!") == 4  # case, punctuation ignored
+    loop = "I will see you next time. " * 3
+    assert longest_repeat("So that is all. " + loop + "Bye.") == 3
+    # copies apart are not back to back; runs longer than MAX_NGRAM_WORDS are not counted
+    assert longest_repeat("the cat sat, a dog ran, the cat sat") == 1
+    assert longest_repeat(" ".join([f"w{i}" for i in range(11)] * 2), max_n=10) == 1
+    assert longest_repeat(" ".join([f"w{i}" for i in range(11)] * 2), max_n=11) == 2
+
+
+def test_a_short_loop_falls_back_though_it_compresses_under_the_ratio():
+    t = Thresholds()
+    text = "I'll see you guys next time. " * 4
+    looping = DecodedWindow([], text, 0.0, -0.3, 0.1, 0.0, 1.9)
+    assert needs_fallback(looping, t)
+    assert not needs_fallback(DecodedWindow([], "I'll see you guys next time. " * 3, 0.0, -0.3, 0.1, 0.0, 1.9), t)
+    assert not needs_fallback(looping, Thresholds(max_repeats=None))
+    # silence stays silence: no point sampling hotter
+    assert not needs_fallback(DecodedWindow([], text, 0.0, -1.5, 0.9, 0.0, 1.9), t)
+
+
 def tone(seconds, freq=220.0):
     x = np.arange(int(seconds * 16000)) / 16000
     return (0.3 * np.sin(2 * np.pi * freq * x)).astype(np.float32)
@@ -131,3 +158,60 @@ def test_split_points_fall_in_pauses():
     assert clips[0][0] == 0 and clips[-1][1] == len(audio) // 160
     assert all(a[1] == b[0] for a, b in zip(clips, clips[1:]))
 
+
+
+def words_of(start, end, n=3, probability=0.9):
+    step = (end - start) / n
+    return [dict(word=f" w{i}", start=start + i * step, end=start + (i + 1) * step, probability=probability)
+            for i in range(n)]
+
+
+def segment(start, end, probability=0.9, n=3):
+    return dict(start=start, end=end, text="...", tokens=[1], words=words_of(start, end, n, probability))
+
+
+def test_segment_anomaly_is_whispers_word_score():
+    assert not is_segment_anomaly(segment(0, 3)) and not is_segment_anomaly(None)
+    assert is_segment_anomaly(segment(0, 3, probability=0.05))  # improbable words
+    assert is_segment_anomaly(segment(0, 0.2, n=4))  # words of 0.05 s
+    assert not is_segment_anomaly(dict(start=0, end=1, words=[]))
+
+
+def test_hallucination_after_a_long_silence_is_dropped_and_the_seek_goes_to_it():
+    kept = segment(0.0, 2.0)
+    invented = segment(10.0, 10.6, probability=0.05)
+    out = skip_hallucinated_silence([kept, invented], 2.0, seek=0, segment_size=N_FRAMES, next_seek=N_FRAMES,
+                                    single_timestamp_ending=True, last_speech_timestamp=0.0, content_frames=6000)
+    assert out.segments == [kept] and out.next_seek == 1000 and not out.drop_window
+    # the same with a shorter silence than the threshold is kept
+    out = skip_hallucinated_silence([kept, segment(3.0, 3.6, probability=0.05), segment(4.0, 6.0)], 2.0, seek=0,
+                                    segment_size=N_FRAMES, next_seek=N_FRAMES, single_timestamp_ending=True,
+                                    last_speech_timestamp=0.0, content_frames=6000)
+    assert len(out.segments) == 3 and out.next_seek == N_FRAMES
+
+
+def test_a_suspect_first_segment_after_leading_silence_drops_the_window():
+    out = skip_hallucinated_silence([segment(1012.0, 1014.0, probability=0.05)], 2.0, seek=100_000,
+                                    segment_size=N_FRAMES, next_seek=100_000 + N_FRAMES, single_timestamp_ending=True,
+                                    last_speech_timestamp=990.0, content_frames=200_000)
+    assert out.drop_window and out.segments == [] and out.next_seek == 100_000 + 1200
+
+
+def test_a_suspect_near_the_end_of_the_audio_ends_the_stream():
+    # two suspects in a row after a silence, the first ending 2.5 s before the end
+    suspects = [segment(12.0, 12.5, probability=0.05), segment(13.5, 14.0, probability=0.05)]
+    out = skip_hallucinated_silence([segment(0.0, 2.0), *suspects], 3.0, seek=0, segment_size=1500,
+                                    next_seek=1500, single_timestamp_ending=True, last_speech_timestamp=0.0,
+                                    content_frames=1500)
+    assert len(out.segments) == 1 and out.next_seek == 1500
+
+
+def test_without_suspects_the_seek_follows_the_last_word_unless_little_is_left():
+    words = [segment(0.0, 5.0), segment(5.5, 9.0)]
+    out = skip_hallucinated_silence(words, 2.0, seek=0, segment_size=N_FRAMES, next_seek=900,
+                                    single_timestamp_ending=False, last_speech_timestamp=0.0, content_frames=6000)
+    assert out.segments == words and out.next_seek == 900  # 21 s left in the window: to the last word
+    late = [segment(0.0, 5.0), segment(5.5, 28.5)]
+    out = skip_hallucinated_silence(late, 2.0, seek=0, segment_size=N_FRAMES, next_seek=2850,
+                                    single_timestamp_ending=False, last_speech_timestamp=0.0, content_frames=6000)
+    assert out.next_seek == N_FRAMES  # 1.5 s left: the whole window
