@@ -153,6 +153,11 @@ def words_on_speech(transcript: Transcript, audio: np.ndarray) -> Transcript:
     return replace(transcript, segments=segments)
 
 
+def describe_error(exc: BaseException) -> str:
+    """'Type: first line of the message', for a request's error and the log."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def window_seed(seed: int, stream: Stream) -> int:
     """The sampling seed of a stream's current window and fallback level: a function of the
     request's seed and the window's place only."""
@@ -458,7 +463,7 @@ class Engine:
             self._forward(streams)
         except Exception as exc:
             oom = is_out_of_memory(exc)
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            message = describe_error(exc)
             del exc  # its traceback holds the failed call's tensors
             self._after_failure(oom, len(streams) + len(self.runner.decoding))
             if len(streams) == 1:
@@ -515,7 +520,7 @@ class Engine:
             ended = self.runner.step(self.config.tokens_per_step)
         except Exception as exc:
             oom = is_out_of_memory(exc)
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            message = describe_error(exc)
             del exc
             streams = self.runner.reset()
             for s in streams:
