@@ -6,7 +6,7 @@ everything is testable with plain lists and arrays.
 
 import string
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 

@@ -363,7 +363,7 @@ def main(argv=None):
         import download_model as dm
 
         try:
-            import faster_whisper  # noqa: F401
+            import faster_whisper
         except ImportError:
             parser.error("--compare faster-whisper needs faster-whisper: pip install -r requirements-dev.txt")
         import ctranslate2
@@ -407,9 +407,6 @@ def main(argv=None):
         finally:
             engine.close()
     if peer_dir is not None:
-        import ctranslate2
-        import faster_whisper
-
         for compute_type in peer_types:
             name = f"fw-{compute_type}"
             hypotheses[name], elapsed[name] = run_faster_whisper(
