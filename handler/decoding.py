@@ -125,11 +125,23 @@ def _heads(x: Tensor, n_head: int) -> Tensor:
 
 
 def _attend(q, k, v, n_head, is_causal=False, mask=None, kv_in_heads=False):
-    """Multi-head attention; k and v are (rows, n, state), or already (rows, heads, n,
-    state / heads) when kv_in_heads."""
+    """Multi-head attention of q (rows, n_q, state) over k and v, which are (rows, n_k,
+    state), or already (rows, heads, n_k, state / heads) when kv_in_heads; mask: boolean,
+    broadcast to (rows, heads, n_q, n_k), True where a query may look.
+
+    Two matmuls and an fp32 softmax rather than scaled_dot_product_attention: a decode
+    step has one query per row, where the cpu's flash kernel is 1.3x slower in fp32 and
+    6x slower in bf16 (16 rows over 1500 audio positions, docs/benchmarks.md)."""
     if not kv_in_heads:
         k, v = _heads(k, n_head), _heads(v, n_head)
-    a = F.scaled_dot_product_attention(_heads(q, n_head), k, v, attn_mask=mask, is_causal=is_causal)
+    q = _heads(q, n_head)
+    weights = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if is_causal:
+        n_q, n_k = weights.shape[-2:]
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+    if mask is not None:
+        weights.masked_fill_(~mask, -np.inf)
+    a = weights.softmax(dim=-1).to(v.dtype) @ v
     return a.permute(0, 2, 1, 3).flatten(start_dim=2)
 
 

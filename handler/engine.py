@@ -44,7 +44,8 @@ from errors import InternalError, InvalidAudio, Overloaded, OutOfMemory, Request
 from formats import Segment, Transcript, Word
 from oom import is_out_of_memory
 from options import TranscriptionOptions
-from runner import ModelRunner, cpu_has_amx_bf16, gpu_window_budget
+from cpu import bf16_unit
+from runner import ModelRunner, gpu_window_budget
 from stream import Request, Stream, spans_in_frames, stream_clips, to_segment
 from vad import SileroVad
 from windows import FRAMES_PER_SECOND, Thresholds, split_points
@@ -59,8 +60,9 @@ BUDGET_RETRY_STEPS = 1000  # steps without an out-of-memory error before a lower
 class EngineConfig:
     device: str = "cpu"
     fp16: Optional[bool] = None  # None: fp16 on cuda, fp32 on cpu
-    # bf16 weights and activations on cpu; None: on where the cpu has AMX bf16 (2-3x faster
-    # encoder there; measured within the accuracy bar with tiny.en and base)
+    # bf16 weights and activations on cpu; None: on where the cpu multiplies bf16 natively
+    # (AMX or AVX-512 bf16: encoder 1.75-3x and 16-row decode steps 2x faster there; WER
+    # within the accuracy bar with tiny.en and base), fp32 elsewhere (bf16 is 4x slower on AVX2)
     cpu_bf16: Optional[bool] = None
     window_budget: Optional[int] = None  # max windows per step; None: by device
     max_new_tokens: int = 224
@@ -117,7 +119,7 @@ class EngineConfig:
             tokens_per_step=(16 if cuda else 8) if self.tokens_per_step is None else self.tokens_per_step,
             encoder_batch=(budget if cuda else 2) if self.encoder_batch is None else self.encoder_batch,
             new_windows_per_step=self.new_windows_per_step or (budget if cuda else 2),
-            cpu_bf16=(cpu_has_amx_bf16() if self.cpu_bf16 is None else self.cpu_bf16) and not cuda,
+            cpu_bf16=(bf16_unit() is not None if self.cpu_bf16 is None else self.cpu_bf16) and not cuda,
         )
 
     @property

