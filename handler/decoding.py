@@ -224,18 +224,18 @@ def _logits(model, hidden: Tensor) -> Tensor:
     return (hidden @ weight.T).float()
 
 
-def _sample(logits: Tensor, row_temperature: Tensor, sampled: List[int], generators) -> Tensor:
-    """Greedy tokens for rows at temperature 0; for the `sampled` rows, argmax(logits / T -
-    log E) with E ~ Exp(1) drawn from the row's own generator: a sample from
-    softmax(logits / T) that no other row can influence."""
+def _sample(logits: Tensor, row_temperature: Tensor, sampled: Optional[Tensor], generators) -> Tensor:
+    """Greedy tokens for rows at temperature 0; for the rows in `sampled` (an index tensor
+    on the logits' device, None: no row samples), argmax(logits / T - log E) with E ~ Exp(1)
+    drawn from the row's own generator (on the same device: no copy from the host): a
+    sample from softmax(logits / T) that no other row can influence."""
     next_tokens = logits.argmax(dim=-1)
-    if not sampled:
+    if sampled is None:
         return next_tokens
-    noise = torch.stack([torch.empty(logits.shape[-1]).exponential_(generator=generators[k])
-                         for k in sampled]).to(logits.device)
-    index = torch.tensor(sampled, device=logits.device)
-    scores = logits.index_select(0, index) / row_temperature.index_select(0, index) - noise.log()
-    return next_tokens.index_copy(0, index, scores.argmax(dim=-1))
+    noise = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g)
+                         for g in generators])
+    scores = logits.index_select(0, sampled) / row_temperature.index_select(0, sampled) - noise.log()
+    return next_tokens.index_copy(0, sampled, scores.argmax(dim=-1))
 
 
 # per-row state tensors, kept in this order through joins and compaction
@@ -253,8 +253,10 @@ class DecodeBatch:
             for tag, result in batch.step(16): ...   # rows that ended in those 16 tokens
 
     features: (n, n_audio_ctx, n_audio_state); initial_tokens: per row [sot_prev, prompt...,]
-    sot, [language, task]; a row sampled at a temperature above 0 draws from its own CPU
-    generator. Tags are the caller's: they come back with the results.
+    sot, [language, task]; a row sampled at a temperature above 0 draws from its own
+    generator, on the features' device. Tags are the caller's: they come back with the
+    results. Inside a chunk of tokens nothing waits for the device (tests/unit/
+    test_decoding.py counts the host syncs): `step` reads the rows' state once, at the end.
     """
 
     def __init__(self, model, tokenizer: Tokenizer, rules: TokenRules, max_new_tokens: Optional[int] = None):
@@ -325,12 +327,21 @@ class DecodeBatch:
             "done": torch.zeros(n_rows, dtype=torch.bool, device=device),
             "row_temperature": torch.tensor([float(t) for t in temperatures], device=device).clamp(min=1e-6)[:, None],
         }
-        sampled = [k for k, t in enumerate(temperatures) if t > 0]
-        new["next_tokens"] = self._sample_step(new, logits, 0, sampled, list(generators))
+        new["next_tokens"] = self._sample_step(new, logits, 0, *self._sampled_rows(temperatures, generators))
         self._merge(new, cache, width)
         self.tags += list(tags)
         self.temperatures += [float(t) for t in temperatures]
         self.generators += list(generators)
+
+    @staticmethod
+    def _sampled_rows(temperatures, generators) -> Tuple[Optional[Tensor], List[torch.Generator]]:
+        """The rows that sample (an index tensor, None when none do) and their generators,
+        made once per chunk of tokens: nothing goes from the host per token."""
+        rows = [k for k, t in enumerate(temperatures) if t > 0]
+        if not rows:
+            return None, []
+        device = next(g for g in generators if g is not None).device
+        return torch.tensor(rows, device=device), [generators[k] for k in rows]
 
     def _sample_step(self, state: dict, logits: Tensor, step: int, sampled, generators) -> Tensor:
         """Apply the rules, sample one token per row and record it; returns the tokens."""
@@ -387,7 +398,7 @@ class DecodeBatch:
         """Decode up to `max_tokens` tokens for every row (fewer if all rows end first) and
         return the rows that have ended, which leave the batch."""
         state = self.state
-        sampled = [k for k, t in enumerate(self.temperatures) if t > 0]
+        sampled, generators = self._sampled_rows(self.temperatures, self.generators)
         for _ in range(min(max_tokens, self.horizon)):
             self.horizon -= 1
             column = self.column
@@ -399,7 +410,7 @@ class DecodeBatch:
             state["next_position"] = state["next_position"] + 1
             self.column += 1
             logits = _logits(self.model, hidden[:, -1:])[:, 0]
-            state["next_tokens"] = self._sample_step(state, logits, 1, sampled, self.generators)
+            state["next_tokens"] = self._sample_step(state, logits, 1, sampled, generators)
         return self._retire()
 
     def _retire(self) -> List[Tuple[Any, DecodedWindow]]:

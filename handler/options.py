@@ -101,7 +101,7 @@ class TranscriptionOptions:
     stream: bool = False  # server-sent events: a delta per segment, then the whole text
     seed: int = 0  # seeds the sampling at temperatures above 0 (fixed by default)
     languages: Tuple[str, ...] = ()  # detect the language among these codes only; () = all
-    vad_filter: bool = True  # skip non-speech (vad.py) instead of decoding it (batched mode)
+    vad_filter: bool = True  # skip non-speech (vad.py) instead of decoding it
     vad: VadOptions = field(default_factory=VadOptions)  # chunking_strategy's, else the defaults
     # prompt each window with the text before it (whisper.transcribe's option); None: the
     # server's default (EngineConfig.condition_on_previous_text)

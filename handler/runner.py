@@ -131,9 +131,10 @@ class ModelRunner:
     def start(self, features: torch.Tensor, initial_tokens: Sequence[Sequence[int]],
               temperatures: Sequence[float], seeds: Sequence[int], tags: Sequence) -> None:
         """Add windows to the decode batch, each after its own initial tokens at its own
-        temperature; a sampled window draws from a generator seeded with its own seed."""
+        temperature; a sampled window draws from a generator on the device seeded with its
+        own seed."""
         self._check_size(len(self.batch) + len(tags))
-        generators = [torch.Generator().manual_seed(seed) if t > 0 else None
+        generators = [torch.Generator(self.device).manual_seed(seed) if t > 0 else None
                       for t, seed in zip(temperatures, seeds)]
         self.batch.add(features, initial_tokens, list(temperatures), generators, list(tags))
 

@@ -330,6 +330,24 @@ def spans_in_frames(spans: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
     return [(a // HOP_LENGTH, -(-b // HOP_LENGTH)) for a, b in spans]
 
 
+def speech_runs(speech: Sequence[Tuple[int, int]], long_pause: int, min_speech: int,
+                content_frames: int) -> List[Tuple[int, int]]:
+    """(start, end) mel frames of the runs of speech that are worth decoding: spans less
+    than `long_pause` apart form one run (as in `Stream.speech_run_end`), and a run with
+    less than `min_speech` frames of speech is dropped. What `mode=sequential` hands
+    whisper.transcribe as clip_timestamps."""
+    runs: List[List[int]] = []
+    for a, b in speech:
+        a, b = max(0, a), min(b, content_frames)
+        if b <= a:
+            continue
+        if runs and a - runs[-1][1] < long_pause:
+            runs[-1][1], runs[-1][2] = b, runs[-1][2] + b - a
+        else:
+            runs.append([a, b, b - a])
+    return [(a, b) for a, b, speech_frames in runs if speech_frames >= min_speech]
+
+
 def stream_clips(content_frames: int, cuts: Sequence[int]) -> List[Tuple[int, int]]:
     """(start, end) mel-frame ranges of the streams one request is split into."""
     bounds = [0] + [c for c in cuts if 0 < c < content_frames] + [content_frames]

@@ -12,6 +12,12 @@ and measures, printing the CPU model and flags and one table at the end:
                  `--rounds` times, one request at a time and then by `--concurrency`
                  clients: audio seconds per second of each, their ratio (bar: 1.7x), and
                  the WER of both against the manifest's references
+  peer           (with faster-whisper installed, unless skipped) the same files, each once,
+                 through faster-whisper on this CPU with the same weights while the service
+                 idles: its batched pipeline in int8 and float32 and its sequential transcribe
+                 in int8, as rows of the throughput table (CPU-speed bar: the service's
+                 throughput at least the int8 batched pipeline's); and the JFK clip alone,
+                 the service's answer time against faster-whisper's sequential transcribe
   streaming      a ~170 s file through OpenAI's SDK with stream=True: when the first
                  delta arrived against the whole answer (bar: before 60%), and whether the
                  done text equals the non-streamed text
@@ -22,6 +28,7 @@ The service is stopped afterwards, whatever happens.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -116,6 +123,44 @@ def throughput(client, files, references, concurrency: int, rounds: int) -> dict
     return rows
 
 
+def peer_rows(audio_dir: Path, files, model: str, threads: int) -> list:
+    """(system, RTFx, WER) of faster-whisper's CPU settings on `files`, each once."""
+    import peer
+    from scoring import error_rate, read_manifest
+
+    wanted = {str(p.relative_to(audio_dir)) for p in files}
+    entries = [e for e in read_manifest(audio_dir / "manifest.tsv") if e.file in wanted]
+    audios = {e.file: load(audio_dir / e.file) for e in entries}
+    audio_s = sum(len(a) for a in audios.values()) / 16000
+    model_dir = peer.ct2_model_dir(model)
+    rows = []
+    for compute_type, batch_size in (("int8", 8), ("float32", 8), ("int8", None)):
+        texts, seconds = peer.run_faster_whisper(model_dir, entries, audios, compute_type, threads, False, batch_size)
+        rows.append((peer.describe(compute_type, threads, batch_size), audio_s / seconds, error_rate(entries, texts)))
+    return rows
+
+
+def single_request(client: WhisperClient, path: Path, model: str, threads: int) -> dict:
+    """Best of three answer times for one clip alone: the service (HTTP upload, decoding,
+    transcription) and faster-whisper's sequential transcribe of the decoded samples."""
+    from faster_whisper import WhisperModel
+
+    import peer
+
+    result = {"service s": min(timed(client, path) for _ in range(3))}
+    audio = load(path)
+    for compute_type in ("int8", "float32"):
+        fw = WhisperModel(str(peer.ct2_model_dir(model)), device="cpu", compute_type=compute_type, cpu_threads=threads)
+        times = []
+        for _ in range(4):  # the first call pays for lazy initialisation
+            started = time.monotonic()
+            list(fw.transcribe(audio)[0])
+            times.append(time.monotonic() - started)
+        result[f"faster-whisper sequential {compute_type} s"] = min(times[1:])
+        del fw
+    return result
+
+
 def streaming(openai_url: str, client: WhisperClient, path: Path) -> dict:
     from openai import OpenAI
 
@@ -143,7 +188,8 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="auto", help="handler cpu_precision: auto, fp32, bf16 (default: auto)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="times each English file is sent per mode")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["head-of-line", "throughput", "streaming"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["head-of-line", "throughput", "peer", "streaming"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="faster-whisper's CPU threads (default: all cores)")
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args(argv)
     if not (args.audio / "manifest.tsv").exists():
@@ -171,6 +217,11 @@ def main(argv=None) -> int:
                 results["head of line"]["long seconds"] = seconds[long_320]
             if "throughput" not in args.skip:
                 results["throughput"] = throughput(client, files, references, args.concurrency, args.rounds)
+            if "peer" not in args.skip:
+                print("[peer] JFK alone", file=sys.stderr)
+                results["single"] = single_request(client, args.audio / "jfk/jfk.flac", args.model, args.threads)
+                if "throughput" in results:
+                    results["peer"] = peer_rows(args.audio, files, args.model, args.threads)
             if "streaming" not in args.skip:
                 print("[streaming]", file=sys.stderr)
                 results["streaming"] = streaming(service.openai_url, client, long_170)
@@ -191,7 +242,20 @@ def main(argv=None) -> int:
             r = t[clients]
             print(f"| {clients} client(s) | {r['rtfx']:.2f} | {100 * r['wer']:.2f}% | {r['p50 s']:.2f} | "
                   f"{r['max s']:.2f} | {r['failed']} |")
-        print(f"\nthroughput ratio ({args.concurrency} clients / 1): **{t['ratio']:.2f}x** (bar: >= 1.7x)\n")
+        for name, rtfx, wer in results.get("peer", []):
+            print(f"| {name}, one file after another | {rtfx:.2f} | {100 * wer:.2f}% | | | |")
+        print(f"\nthroughput ratio ({args.concurrency} clients / 1): **{t['ratio']:.2f}x** (bar: >= 1.7x)")
+        if results.get("peer"):
+            int8 = results["peer"][0][1]
+            print(f"service with {args.concurrency} clients / faster-whisper int8 batched: "
+                  f"**{t[args.concurrency]['rtfx'] / int8:.2f}x** (bar: >= 1x)")
+        print()
+    if "single" in results:
+        single = results["single"]
+        print("| JFK clip (11 s) alone, best of three | s |\n| --- | --- |")
+        for name, seconds in single.items():
+            print(f"| {name} | {seconds:.2f} |")
+        print()
     if "streaming" in results:
         s = results["streaming"]
         print(f"streaming (OpenAI SDK, {s['seconds']:.0f} s file): first delta at {s['first delta s']:.2f} s of "

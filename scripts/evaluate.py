@@ -56,21 +56,22 @@ def load_model(path: str, device: str):
     return load_whisper(path, device)
 
 
-def make_options(mode: str, language=None):
+def make_options(mode: str, language=None, **request_options):
     from options import TranscriptionOptions
 
-    return TranscriptionOptions(language=language, mode=mode)
+    return TranscriptionOptions(language=language, mode=mode, **request_options)
 
 
 # --------------------------------------------------------------------------- systems
 
 
-def run_engine(engine, entries, audios, mode: str, given_language: bool) -> Tuple[Dict[str, str], float]:
+def run_engine(engine, entries, audios, mode: str, given_language: bool,
+               request_options: dict) -> Tuple[Dict[str, str], float]:
     """Hand all files to the engine at once, as one TorchServe batch would."""
     requests = []
     for e in entries:
         language = e.language if given_language else None
-        requests.append((audios[e.file], make_options(mode, language)))
+        requests.append((audios[e.file], make_options(mode, language, **request_options)))
     started = time.perf_counter()
     if mode == "sequential":
         from tqdm import tqdm
@@ -180,6 +181,9 @@ def main(argv=None):
         help="faster-whisper: CTranslate2 compute types, comma-separated (default: float32,int8)",
     )
     parser.add_argument("--peer-batch-size", type=int, default=8, help="faster-whisper: batch_size (default 8, its own)")
+    parser.add_argument("--condition-on-previous-text", choices=["true", "false"],
+                        help="engine: the request option (default: the server's)")
+    parser.add_argument("--vad-filter", choices=["true", "false"], help="engine: the request option (default: on)")
     parser.add_argument("--language-filter", help="only files of this language, e.g. en")
     parser.add_argument("--given-language", action="store_true", help="pass the manifest's language instead of detecting")
     parser.add_argument("--limit", type=int, help="only the first N files")
@@ -191,6 +195,8 @@ def main(argv=None):
                         "(default: torch's default, used for both)")
     args = parser.parse_args(argv)
     compare = set(args.compare)
+    request_options = {name: getattr(args, name) == "true" for name in ("condition_on_previous_text", "vad_filter")
+                       if getattr(args, name)}
     if "sequential" in compare and args.url:
         parser.error("--compare sequential runs the engine: use --engine (or --url with --mode)")
     if PEER in compare and args.url and not (args.peer_model or args.model):
@@ -244,7 +250,8 @@ def main(argv=None):
         try:
             modes = ["batched", "sequential"] if "sequential" in compare else [args.mode]
             for mode in modes:  # sequential runs the model as loaded (fp32 on cpu)
-                hypotheses[mode], elapsed[mode] = run_engine(engine, entries, audios, mode, args.given_language)
+                hypotheses[mode], elapsed[mode] = run_engine(engine, entries, audios, mode, args.given_language,
+                                                             request_options)
                 descriptions[mode] = (
                     f"engine {Path(args.model).name}, all files in one call, {threads} torch threads"
                     if mode == "batched" else f"openai-whisper transcribe {Path(args.model).name}, one file at a time"

@@ -182,25 +182,25 @@ def judge(case: Case, text: str, segments: List[dict], words: List[dict], second
                   None if wer is None else round(wer, 4), round(seconds, 2))
 
 
-def run_engine_case(engine, case: Case, vad_filter: bool = True) -> Result:
+def run_engine_case(engine, case: Case, request_options: dict) -> Result:
     from options import TranscriptionOptions
 
     started = time.perf_counter()
-    options = TranscriptionOptions(word_timestamps=True, vad_filter=vad_filter)
+    options = TranscriptionOptions(word_timestamps=True, **request_options)
     transcript = engine.transcribe([(case.audio, options)])[0]
     segments = [dict(start=s.start, end=s.end, text=s.text) for s in transcript.segments]
     words = [dict(word=w.word, start=w.start, end=w.end) for s in transcript.segments for w in s.words or []]
     return judge(case, transcript.text, segments, words, time.perf_counter() - started)
 
 
-def run_service_case(client, case: Case, vad_filter: bool = True) -> Result:
+def run_service_case(client, case: Case, request_options: dict) -> Result:
     import soundfile
 
     buffer = io.BytesIO()
     soundfile.write(buffer, case.audio, SR, format="WAV", subtype="PCM_16")
     started = time.perf_counter()
     body = client.transcribe(buffer.getvalue(), filename=f"{case.name}.wav", response_format="verbose_json",
-                             timestamp_granularities=["word", "segment"], vad_filter=vad_filter)
+                             timestamp_granularities=["word", "segment"], **request_options)
     elapsed = time.perf_counter() - started
     return judge(case, body["text"], body.get("segments", []), body.get("words", []), elapsed)
 
@@ -233,6 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio",
                         help="real speech with manifest.tsv (default %(default)s)")
     parser.add_argument("--vad-filter", choices=["true", "false"], default="true", help="the request option")
+    parser.add_argument("--condition-on-previous-text", choices=["true", "false"],
+                        help="the request option (default: the server's)")
     parser.add_argument("--cases", help="comma-separated case names (default: all)")
     parser.add_argument("--short", action="store_true", help="20 s non-speech cases, a 40 s gap")
     parser.add_argument("--tolerance", type=float, default=1.0, help="seconds of slack around the speech")
@@ -246,19 +248,21 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    vad_filter = args.vad_filter == "true"
+    request_options = {"vad_filter": args.vad_filter == "true"}
+    if args.condition_on_previous_text:
+        request_options["condition_on_previous_text"] = args.condition_on_previous_text == "true"
     engine = client = None
     if args.engine:
         from checkpoint import load_whisper
         from engine import Engine, EngineConfig
 
         engine = Engine(load_whisper(args.model, args.device), EngineConfig(device=args.device))
-        run = lambda case: run_engine_case(engine, case, vad_filter)  # noqa: E731
+        run = lambda case: run_engine_case(engine, case, request_options)  # noqa: E731
     else:
         from client import reachable_client_or_exit
 
         client = reachable_client_or_exit(args)
-        run = lambda case: run_service_case(client, case, vad_filter)  # noqa: E731
+        run = lambda case: run_service_case(client, case, request_options)  # noqa: E731
     results = []
     try:
         for k, case in enumerate(todo, 1):

@@ -120,3 +120,76 @@ def test_a_sampled_row_depends_only_on_its_own_generator(model, mels):
                               rules, temperatures=temps, generators=generators, max_new_tokens=60)[0].tokens
 
     assert sampled_first_row(0) == sampled_first_row(3)
+
+
+class HostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts the tensor calls that make the host wait for the device's result (on CUDA
+    a sync; on CPU the same calls, so the count is checked without a GPU)."""
+
+    SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self.counting = True
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if self.counting and name in self.SYNCS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _syncs_per_chunk(model, features, tokenizer, rules, temperatures, tokens):
+    batch = DecodeBatch(model, tokenizer, rules)
+    generators = [torch.Generator().manual_seed(k) if t > 0 else None for k, t in enumerate(temperatures)]
+    batch.add(features, [tokenizer.sot_sequence] * len(temperatures), temperatures, generators,
+              range(len(temperatures)))
+    batch.horizon = max(batch.horizon, tokens)
+    counter, retire = HostSyncs(), batch._retire
+
+    def retire_uncounted():  # the end of the chunk reads the state once, however many tokens
+        counter.counting = False
+        return retire()
+
+    batch._retire = retire_uncounted
+    with counter, torch.no_grad():
+        batch.step(tokens)
+    assert not counter.counting, "the chunk ends in _retire"
+    return counter.calls
+
+
+def test_no_host_sync_per_token_at_any_temperature(model, mels):
+    tokenizer = get_tokenizer(False, language="en", task="transcribe")
+    rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
+    with torch.no_grad():
+        features = model.encoder(mels[:3])
+    for temperatures in ([0.0, 0.0, 0.0], [0.0, 0.6, 1.0]):
+        assert _syncs_per_chunk(model, features, tokenizer, rules, temperatures, 12) == []
+
+
+def test_the_sync_counter_sees_a_sync():
+    with HostSyncs() as counter:
+        torch.ones(3).sum().item()
+        torch.zeros(2).tolist()
+        bool(torch.ones(1))
+    assert counter.calls == ["item", "tolist", "__bool__"]
+
+
+def test_the_gpu_layout_decodes_as_fp32_on_cpu(model, mels):
+    """fp16 weights with fp32 LayerNorms, as the runner lays the model out on a GPU, run
+    here on the CPU: the same tokens as fp32 on real windows."""
+    from runner import ModelRunner
+
+    def tokens(dtype):
+        runner = ModelRunner(model, "cpu", dtype)
+        assert {p.dtype for n, p in runner.model.named_parameters() if "ln" not in n} == {dtype}
+        features = runner.encode(list(mels))
+        sot = list(runner.tokenizer("en", "transcribe").sot_sequence)
+        runner.start(features, [sot] * len(mels), [0.0] * len(mels), [0] * len(mels), range(len(mels)))
+        done = {}
+        while runner.decoding:
+            done.update((tag, result.tokens) for tag, result in runner.step(16))
+        return [done[k] for k in range(len(mels))]
+
+    assert tokens(torch.float16) == tokens(torch.float32)

@@ -9,7 +9,7 @@ from whisper.tokenizer import get_tokenizer
 
 from decoding import DecodedWindow
 from options import TranscriptionOptions
-from stream import Request, Stream, spans_in_frames, stream_clips
+from stream import Request, Stream, spans_in_frames, speech_runs, stream_clips
 from windows import Thresholds
 
 TOKENIZER = get_tokenizer(False)  # English-only, as tiny.en
@@ -404,3 +404,16 @@ def test_request_with_an_error_is_done():
 )
 def test_stream_clips(content, cuts, clips):
     assert stream_clips(content, cuts) == clips
+
+
+@pytest.mark.parametrize("speech, runs", [
+    ([], []),
+    ([(100, 400)], [(100, 400)]),
+    ([(100, 400), (500, 900)], [(100, 900)]),  # a 1 s pause stays inside the run
+    ([(100, 400), (800, 900)], [(100, 400), (800, 900)]),  # a 4 s pause ends it
+    ([(100, 130), (800, 1200)], [(800, 1200)]),  # 0.3 s of speech alone is not worth a window
+    ([(100, 130), (200, 230)], [(100, 230)]),  # two short spans together are
+    ([(5900, 6500)], [(5900, 6000)]),  # clipped to the content
+])
+def test_speech_runs(speech, runs):
+    assert speech_runs(speech, long_pause=300, min_speech=50, content_frames=6000) == runs

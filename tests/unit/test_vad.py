@@ -20,6 +20,7 @@ import pytest
 from conftest import PYTHON, REPO, SHARED_AUDIO as AUDIO
 
 from audio import decode_audio  # noqa: E402
+import vad as vad_module  # noqa: E402
 from vad import SAMPLE_RATE, SileroVad, VadOptions  # noqa: E402
 
 import hallucination_check as check  # noqa: E402  (scripts/)
@@ -123,6 +124,25 @@ def test_probabilities_per_32_ms_frame_and_edge_lengths(vad):
     assert probs.shape == (-(-len(load(JFK)) // 512),) and probs.max() > 0.9
 
 
+def test_a_long_file_in_rows_decides_as_in_one_row(vad, monkeypatch):
+    # OSR, a pause, JFK, a pause, OSR: 86 s, three rows of 30 s
+    pause = np.zeros(2 * SAMPLE_RATE, np.float32)
+    audio = np.concatenate([load(OSR), pause, load(JFK), pause, load(OSR)])
+    rows = vad.probabilities(audio)
+    with monkeypatch.context() as m:
+        m.setattr(vad_module, "ROW_FRAMES", 10**9)
+        one_row = vad.probabilities(audio)
+    assert rows.shape == one_row.shape and len(rows) > 2 * vad_module.ROW_FRAMES
+    moved = int(((rows >= 0.5) != (one_row >= 0.5)).sum())
+    assert moved <= 0.01 * len(rows), moved
+    assert not np.array_equal(rows, one_row), "the rows ran on their own states"
+    options = dict(sampling_rate=SAMPLE_RATE, audio_length_samples=len(audio), min_silence_duration_ms=300)
+    spans, expected = (vad._to_spans(p.tolist(), **options) for p in (rows, one_row))
+    assert len(spans) == len(expected) > 10  # the sentences, one span each
+    for got, want in zip(spans, expected):  # edges within two 32 ms frames
+        assert abs(got["start"] - want["start"]) <= 1024 and abs(got["end"] - want["end"]) <= 1024
+
+
 def test_one_instance_serves_threads_at_once(vad):
     audios = [load(JFK), load(OSR), load(LIBRI), load(OSR)]
     alone = [vad.speech(a, VadOptions(min_silence_duration_ms=300)) for a in audios]
@@ -208,6 +228,22 @@ def test_a_silent_tail_is_not_decoded_and_nothing_starts_past_the_end(engine):
     assert "country" in transcript.text
 
 
+def test_sequential_mode_transcribes_only_the_runs_of_speech(engine):
+    # JFK, 60 s of noise, JFK again: whisper.transcribe gets the two runs as clip_timestamps
+    jfk = load(JFK)
+    audio = np.concatenate([jfk, check.white_noise(60, 0.01, seed=3), jfk])
+    sequential = TranscriptionOptions(mode="sequential", word_timestamps=True)
+    with_vad = engine.transcribe([(audio, sequential)])[0]
+    gap_start, gap_end = len(jfk) / SAMPLE_RATE + 1, len(jfk) / SAMPLE_RATE + 59
+    words = [w for s in with_vad.segments for w in s.words]
+    assert with_vad.text.count("country") == 4 and words
+    assert not [w for w in words if gap_start < (w.start + w.end) / 2 < gap_end]
+    assert not [s for s in with_vad.segments if gap_start < s.start < gap_end]
+    # non-speech alone is not decoded at all
+    silence = engine.transcribe([(check.chords(60), replace(sequential, word_timestamps=False))])[0]
+    assert silence.text == "" and silence.segments == [] and silence.duration == pytest.approx(60.0)
+
+
 def test_vad_runs_in_the_submitting_thread(engine):
     before = engine.stats["vad_s"]
     with engine._cond:  # the engine thread cannot take the request meanwhile
@@ -265,7 +301,7 @@ def test_hallucination_silence_threshold_drops_what_whisper_invents_in_faint_noi
 def test_hallucination_check_short_finds_no_invented_words(engine, shared_audio):
     names = ["silence", "white-60dB", "white-20dB", "rumble", "clicks", "chords", "speech-tail",
              "speech-past-window"]
-    results = [check.run_engine_case(engine, case)
+    results = [check.run_engine_case(engine, case, {})
                for case in check.cases(shared_audio, seconds=20, only=names)]
     assert [r.case for r in results] == names
     assert {r.case: r.invented for r in results if r.invented} == {}
