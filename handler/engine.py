@@ -94,6 +94,9 @@ class EngineConfig:
     # (a request alone is always admitted: max_duration_s bounds it).
     max_inflight_audio_s: float = 8 * 3600
     oom_above_windows: int = 0  # tests only: runner calls with more windows raise an injected OOM
+    # Wait for the device at the edges of each phase so encode_s/decode_s are exact on cuda
+    # (profiling: four syncs per step); off, the step's one sync is reading the finished rows.
+    timing_syncs: bool = False
     # Voice activity detection (requests with vad_filter): a pause between speech spans at
     # least this long (or non-speech up to the end) is never decoded: a window ends where it
     # starts and the seek jumps over it (across shorter pauses windows advance by Whisper's
@@ -175,7 +178,8 @@ class Engine:
         self.config = config.resolved(model.dims)
         c = self.config
         self.runner = ModelRunner(model, c.device, c.dtype, encoder_batch=c.encoder_batch,
-                                  max_new_tokens=c.max_new_tokens, oom_above_windows=c.oom_above_windows)
+                                  max_new_tokens=c.max_new_tokens, oom_above_windows=c.oom_above_windows,
+                                  timing_syncs=c.timing_syncs)
         # mode="sequential" is the seed's behaviour: the model as loaded, not a reduced copy
         self.sequential_model = model if c.cpu_bf16 else self.runner.model
         self.thresholds = Thresholds(c.compression_ratio_threshold, c.logprob_threshold,

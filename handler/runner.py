@@ -67,7 +67,8 @@ class ModelRunner:
     """Encode and decode windows of one Whisper model on one device."""
 
     def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 encoder_batch: int = 2, max_new_tokens: int = 224, oom_above_windows: int = 0):
+                 encoder_batch: int = 2, max_new_tokens: int = 224, oom_above_windows: int = 0,
+                 timing_syncs: bool = False):
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = prepare_model(model, device, dtype)
@@ -76,6 +77,8 @@ class ModelRunner:
         self.max_new_tokens = max_new_tokens
         # tests only: a call with more windows than this raises an injected OOM (0: off)
         self.oom_above_windows = oom_above_windows
+        # wait for the device in clock() (exact phase times on cuda, one sync per phase)
+        self.timing_syncs = timing_syncs
         self.languages = tuple(LANGUAGES)[: self.model.num_languages] if self.model.is_multilingual else ("en",)
         self._tokenizers = {}
         self.rules = TokenRules(self.tokenizer("en", "transcribe"), self.dims.n_vocab,
@@ -170,6 +173,8 @@ class ModelRunner:
         dtw(torch.randn(20, 40, device=self.device))
 
     def clock(self) -> float:
-        """Wall time after the device has finished its queued work."""
-        self.sync()
+        """Wall time; with timing_syncs, after the device has finished its queued work (else
+        on cuda a phase's time counts the queued work of the phase before it)."""
+        if self.timing_syncs:
+            self.sync()
         return time.perf_counter()

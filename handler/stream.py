@@ -332,8 +332,9 @@ def spans_in_frames(spans: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
 
 def speech_runs(speech: Sequence[Tuple[int, int]], long_pause: int, min_speech: int,
                 content_frames: int) -> List[Tuple[int, int]]:
-    """(start, end) mel frames of the runs of speech that are worth decoding: spans less
-    than `long_pause` apart form one run (as in `Stream.speech_run_end`), and a run with
+    """(start, end) mel frames of the runs of speech that are worth decoding, as a Stream
+    decodes them (`skip_to_speech`): spans less than `long_pause` apart form one run, a
+    run starts at frame 0 when the speech starts less than `long_pause` in, and a run with
     less than `min_speech` frames of speech is dropped. What `mode=sequential` hands
     whisper.transcribe as clip_timestamps."""
     runs: List[List[int]] = []
@@ -344,7 +345,7 @@ def speech_runs(speech: Sequence[Tuple[int, int]], long_pause: int, min_speech: 
         if runs and a - runs[-1][1] < long_pause:
             runs[-1][1], runs[-1][2] = b, runs[-1][2] + b - a
         else:
-            runs.append([a, b, b - a])
+            runs.append([0 if not runs and a < long_pause else a, b, b - a])
     return [(a, b) for a, b, speech_frames in runs if speech_frames >= min_speech]
 
 

@@ -104,6 +104,9 @@ def main(argv=None):
                         help="alternate engine and baseline this many times and keep each one's best "
                              "time (steadier on a shared machine)")
     parser.add_argument("--quick", action="store_true", help="tiny.en, streams 1,4 (CI smoke run)")
+    parser.add_argument("--phase-times", action="store_true",
+                        help="cuda: wait for the device at each phase's edges so the printed encode/decode "
+                             "seconds are exact (costs syncs; off, they include queued work)")
     parser.add_argument("--compare", choices=["faster-whisper"],
                         help="also run faster-whisper on each file once (cpu): one RTFx/WER table")
     parser.add_argument("--peer-batch-size", type=int, default=8, help="faster-whisper: batch_size (default 8, its own)")
@@ -129,7 +132,7 @@ def main(argv=None):
         model = whisper.load_model(args.model, device=args.device)
     config = EngineConfig(
         device=args.device, window_budget=args.window_budget,
-        cpu_bf16={"auto": None, "on": True, "off": False}[args.bf16],
+        cpu_bf16={"auto": None, "on": True, "off": False}[args.bf16], timing_syncs=args.phase_times,
     )
     engine = Engine(model, config)
     baseline = engine  # mode="sequential" runs the model as loaded (fp32 on cpu)
@@ -161,6 +164,8 @@ def main(argv=None):
         rows.append((n, audio_s, e_time, s_time, e_mem, s_mem, windows, e_cpu, s_cpu))
         print(f"[{n} streams] engine {audio_s / e_time:.1f}x"
               + (f", sequential {audio_s / s_time:.1f}x" if s_time else ""), file=sys.stderr, flush=True)
+    print(f"engine phases: encode {engine.stats['encode_s']:.1f} s, decode {engine.stats['decode_s']:.1f} s, "
+          f"steps {engine.stats['steps']}", file=sys.stderr)
     if args.compare:
         compare_peer(engine, files, args.model, torch.get_num_threads(), args.peer_batch_size)
     engine.close()

@@ -408,11 +408,12 @@ def test_stream_clips(content, cuts, clips):
 
 @pytest.mark.parametrize("speech, runs", [
     ([], []),
-    ([(100, 400)], [(100, 400)]),
-    ([(100, 400), (500, 900)], [(100, 900)]),  # a 1 s pause stays inside the run
-    ([(100, 400), (800, 900)], [(100, 400), (800, 900)]),  # a 4 s pause ends it
-    ([(100, 130), (800, 1200)], [(800, 1200)]),  # 0.3 s of speech alone is not worth a window
-    ([(100, 130), (200, 230)], [(100, 230)]),  # two short spans together are
+    ([(100, 400)], [(0, 400)]),  # less than a long pause before the speech: from the start
+    ([(400, 700)], [(400, 700)]),
+    ([(400, 700), (800, 900)], [(400, 900)]),  # a 1 s pause stays inside the run
+    ([(400, 700), (1100, 1200)], [(400, 700), (1100, 1200)]),  # a 4 s pause ends it
+    ([(400, 430), (1100, 1500)], [(1100, 1500)]),  # 0.3 s of speech alone is not worth a window
+    ([(400, 430), (500, 530)], [(400, 530)]),  # two short spans together are
     ([(5900, 6500)], [(5900, 6000)]),  # clipped to the content
 ])
 def test_speech_runs(speech, runs):
