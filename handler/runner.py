@@ -22,6 +22,9 @@ from decoding import DecodeBatch, DecodedWindow, TokenRules
 from oom import InjectedOutOfMemory
 
 
+ENCODER_BACKENDS = ("torch", "onnxruntime")  # onnxruntime: cpu, fp32 (onnx_encoder.py)
+
+
 def gpu_window_budget(device: torch.device, dims, fraction: float = 0.5) -> int:
     """Windows per pass that fit in `fraction` of the GPU memory still free: per window
     the fp16 cross-attention keys/values of every decoder layer, the self-attention
@@ -68,10 +71,20 @@ class ModelRunner:
 
     def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  encoder_batch: int = 2, max_new_tokens: int = 224, oom_above_windows: int = 0,
-                 timing_syncs: bool = False):
+                 timing_syncs: bool = False, encoder_backend: str = "torch"):
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = prepare_model(model, device, dtype)
+        if encoder_backend not in ENCODER_BACKENDS:
+            raise ValueError(f"encoder backend must be one of {ENCODER_BACKENDS}, not {encoder_backend!r}")
+        if encoder_backend == "onnxruntime" and self.device.type != "cpu":
+            raise ValueError("the onnxruntime encoder runs on cpu only")
+        self.encoder_backend = encoder_backend
+        self._encoder = self.model.encoder
+        if encoder_backend == "onnxruntime":
+            from onnx_encoder import OnnxEncoder
+
+            self._encoder = OnnxEncoder(self.model.encoder, torch.get_num_threads())
         self.dims = self.model.dims
         self.encoder_batch = encoder_batch
         self.max_new_tokens = max_new_tokens
@@ -122,7 +135,7 @@ class ModelRunner:
         self._check_size(len(mels))
         mel = torch.stack([pad_or_trim(m, N_FRAMES) for m in mels]).to(self.dtype)
         step = self.encoder_batch
-        return torch.cat([self.model.encoder(mel[i: i + step]) for i in range(0, len(mel), step)])
+        return torch.cat([self._encoder(mel[i: i + step]) for i in range(0, len(mel), step)]).to(self.dtype)
 
     @torch.no_grad()
     def detect_language(self, features: torch.Tensor, candidates: Sequence[Sequence[str]]) -> List[str]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
 CPU_PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU has AMX or AVX-512 bf16
+CPU_ENCODERS = ("auto", "torch", "onnxruntime")  # auto: onnxruntime where the precision is fp32
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class HandlerSettings:
     max_inflight_audio_s: float = 28800.0  # audio admitted at once; beyond it 503 + Retry-After
     cpu_threads: int = 0  # 0 = the worker's share of the cores
     cpu_precision: str = "auto"
+    cpu_encoder: str = "auto"
     log_transcripts: bool = False  # transcripts are user data
     fault_injection_oom_above_windows: int = 0  # tests only: 0 = off
 
@@ -47,6 +49,8 @@ class HandlerSettings:
         if settings.cpu_precision not in CPU_PRECISIONS:
             raise ValueError(f"handler.cpu_precision must be one of {CPU_PRECISIONS}, "
                              f"not {settings.cpu_precision!r}")
+        if settings.cpu_encoder not in CPU_ENCODERS:
+            raise ValueError(f"handler.cpu_encoder must be one of {CPU_ENCODERS}, not {settings.cpu_encoder!r}")
         if settings.default_mode not in ("batched", "sequential"):
             raise ValueError(f"handler.default_mode must be batched or sequential, not {settings.default_mode!r}")
         return settings
@@ -59,6 +63,11 @@ class HandlerSettings:
     def cpu_bf16(self) -> Optional[bool]:
         """EngineConfig.cpu_bf16: None lets the engine choose (by cpu.bf16_unit)."""
         return {"auto": None, "bf16": True, "fp32": False}[self.cpu_precision]
+
+    @property
+    def engine_cpu_encoder(self) -> Optional[str]:
+        """EngineConfig.cpu_encoder: None lets the engine choose (by the precision)."""
+        return None if self.cpu_encoder == "auto" else self.cpu_encoder
 
 
 POSITIVE = ("max_duration_s", "ffmpeg_timeout_s", "max_inflight_audio_s")  # 0 is not a limit
@@ -92,5 +101,6 @@ HANDLER_ENV = {
     "WHISPER_WINDOW_BUDGET": "window_budget",
     "WHISPER_MAX_INFLIGHT_AUDIO_S": "max_inflight_audio_s",
     "WHISPER_CPU_PRECISION": "cpu_precision",
+    "WHISPER_CPU_ENCODER": "cpu_encoder",
     "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "fault_injection_oom_above_windows",
 }

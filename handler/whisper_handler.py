@@ -169,6 +169,7 @@ class WhisperHandler(BaseHandler):
                 device=str(self.device),
                 window_budget=settings.window_budget or None,
                 cpu_bf16=settings.cpu_bf16,
+                cpu_encoder=settings.engine_cpu_encoder,
                 max_inflight_audio_s=settings.max_inflight_audio_s,
                 oom_above_windows=settings.fault_injection_oom_above_windows,
             ),
@@ -183,11 +184,11 @@ class WhisperHandler(BaseHandler):
 
         logger.info(
             "whisper ready: model=%s checkpoint=%s device=%s python=%s torch=%s cuda=%s "
-            "gpu=%s cpu=%s precision=%s threads=%s dims=%s engine=%s load_s=%.2f",
+            "gpu=%s cpu=%s precision=%s encoder=%s threads=%s dims=%s engine=%s load_s=%.2f",
             self.model_name, os.path.basename(checkpoint), self.device, platform.python_version(),
             torch.__version__, torch.version.cuda,
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none",
-            cpu_description(), str(self.engine.config.dtype).replace("torch.", ""),
+            cpu_description(), str(self.engine.config.dtype).replace("torch.", ""), self.engine.config.cpu_encoder,
             torch.get_num_threads(), describe(self.model), self.engine.config,
             time.perf_counter() - started,
         )

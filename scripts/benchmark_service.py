@@ -186,6 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--audio", type=Path, default=REPO.parent / "shared" / "audio",
                         help="the shared corpus with manifest.tsv (default: ../shared/audio)")
     parser.add_argument("--precision", default="auto", help="handler cpu_precision: auto, fp32, bf16 (default: auto)")
+    parser.add_argument("--encoder", default="auto", help="handler cpu_encoder: auto, torch, onnxruntime (default: auto)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="times each English file is sent per mode")
     parser.add_argument("--skip", nargs="*", default=[], choices=["head-of-line", "throughput", "peer", "streaming"])
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
         long_170 = concatenate([args.audio / LONG_FILE, args.audio / "english/mfa_acoustic_corpus.wav"],
                                165, tmp / "long_170s.flac")
         seconds = {path: soundfile.info(str(path)).duration for path in (long_320, long_170)}
-        env = {"WHISPER_CPU_PRECISION": args.precision}
+        env = {"WHISPER_CPU_PRECISION": args.precision, "WHISPER_CPU_ENCODER": args.encoder}
         print(f"[service] starting {args.model} ({env})", file=sys.stderr)
         with running_service(tmp / "service", model=args.model, extra_env=env, openai=True) as service:
             client = WhisperClient(service.url, timeout=args.timeout)
@@ -227,7 +228,8 @@ def main(argv=None) -> int:
                 results["streaming"] = streaming(service.openai_url, client, long_170)
                 results["streaming"]["seconds"] = seconds[long_170]
 
-    print(f"\nmodel {args.model}, cpu_precision {args.precision}; cpu: {cpu_description()}\n")
+    print(f"\nmodel {args.model}, cpu_precision {args.precision}, cpu_encoder {args.encoder}; "
+          f"cpu: {cpu_description()}\n")
     if "head of line" in results:
         h = results["head of line"]
         print("| head of line | alone s | with the other s | ratio | bar |\n| --- | --- | --- | --- | --- |")

@@ -190,6 +190,8 @@ def main(argv=None):
     parser.add_argument("--window-budget", type=int, help="engine: windows per forward pass")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                         help="engine: bf16 on cpu (auto: where the cpu has AMX or AVX-512 bf16)")
+    parser.add_argument("--encoder", choices=["auto", "torch", "onnxruntime"], default="auto",
+                        help="engine: the cpu encoder's runtime (auto: onnxruntime where the precision is fp32)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads: torch's for the engine, CTranslate2's for faster-whisper "
                         "(default: torch's default, used for both)")
@@ -245,6 +247,7 @@ def main(argv=None):
         config = EngineConfig(
             device=args.device, window_budget=args.window_budget,
             cpu_bf16={"auto": None, "on": True, "off": False}[args.bf16],
+            cpu_encoder=None if args.encoder == "auto" else args.encoder,
         )
         engine = Engine(load_model(args.model, args.device), config)
         try:

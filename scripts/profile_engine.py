@@ -5,7 +5,8 @@ For each precision (fp32, and bf16 unless --precisions says otherwise) it prints
 
   mel            log-mel of a minute of audio (per request, in the submitting thread)
   vad            Silero VAD over the same minute (per request, in the submitting thread)
-  encoder        seconds per 30 s window, encoded in the engine's pairs
+  encoder        seconds per 30 s window, encoded in the engine's pairs (fp32: also under
+                 onnxruntime, the engine's choice there)
   decode step    milliseconds per token for 1, 4 and 16 rows decoding side by side
                  (one row: a request alone; 16: the CPU window budget full)
   top ops        torch's profiler over 8 decode tokens of 16 rows and over one encoder
@@ -87,6 +88,10 @@ def main(argv=None) -> int:
         pair = [mel, mel]
         encode_s = best_of(lambda: runner.encode(pair), args.repeat) / 2
         print(f"[{name}] encoder: {encode_s:.3f} s per window", flush=True)
+        if dtype == torch.float32:
+            ort = ModelRunner(model, "cpu", dtype, encoder_batch=2, encoder_backend="onnxruntime")
+            encode_s = best_of(lambda: ort.encode(pair), args.repeat) / 2
+            print(f"[{name}] encoder under onnxruntime: {encode_s:.3f} s per window", flush=True)
         features = runner.encode([mel])
         initial = list(runner.tokenizer("en", "transcribe").sot_sequence)
         per_token = {}

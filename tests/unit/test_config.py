@@ -93,6 +93,7 @@ def test_unknown_setting_is_rejected_with_the_known_ones():
         ({"max_inflight_audio_s": None}, "max_inflight_audio_s"),
         ({"log_transcripts": "maybe"}, "log_transcripts"),
         ({"cpu_precision": "fp16"}, "cpu_precision"),
+        ({"cpu_encoder": "tensorrt"}, "cpu_encoder"),
         ({"default_mode": "fast"}, "default_mode"),
     ],
 )
@@ -113,6 +114,11 @@ def test_bool_settings(value, expected):
 @pytest.mark.parametrize("precision, bf16", [("auto", None), ("bf16", True), ("fp32", False)])
 def test_cpu_precision(precision, bf16):
     assert HandlerSettings.from_yaml({"cpu_precision": precision}).cpu_bf16 is bf16
+
+
+@pytest.mark.parametrize("encoder, expected", [("auto", None), ("torch", "torch"), ("onnxruntime", "onnxruntime")])
+def test_cpu_encoder(encoder, expected):
+    assert HandlerSettings.from_yaml({"cpu_encoder": encoder}).engine_cpu_encoder == expected
 
 
 def test_every_environment_variable_names_a_setting():
@@ -162,13 +168,14 @@ def test_render_handler_env_overrides(render_module, template):
     env = {
         "WHISPER_MAX_DURATION_S": "30", "WHISPER_DEFAULT_MODE": "sequential", "WHISPER_WINDOW_BUDGET": "12",
         "WHISPER_MAX_INFLIGHT_AUDIO_S": "3600", "WHISPER_CPU_PRECISION": "fp32",
-        "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "2",
+        "WHISPER_CPU_ENCODER": "torch", "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "2",
     }
     assert set(env) == set(HANDLER_ENV)  # every variable, each once
     handler = render_module.render(template, "base", "cpu", env)["handler"]
     assert handler["max_duration_s"] == 30.0 and handler["default_mode"] == "sequential"
     assert handler["window_budget"] == 12 and isinstance(handler["window_budget"], int)
     assert handler["max_inflight_audio_s"] == 3600.0 and handler["cpu_precision"] == "fp32"
+    assert handler["cpu_encoder"] == "torch"
     assert handler["fault_injection_oom_above_windows"] == 2
     assert template["handler"]["fault_injection_oom_above_windows"] == 0
     # only the template's keys, typed: what the handler reads back unchanged
