@@ -673,8 +673,9 @@ class Engine:
                                round(c.vad_min_window_speech_s * FRAMES_PER_SECOND),
                                int(duration * FRAMES_PER_SECOND))
             if not runs:
-                return Transcript(text="", language=options.language or "en", duration=duration,
-                                  segments=[], task=options.task)
+                # nothing decoded, nothing detected: as the batched engine answers
+                language = options.language or (None if self.sequential_model.is_multilingual else "en")
+                return Transcript(text="", language=language, duration=duration, segments=[], task=options.task)
             clips = {"clip_timestamps": [t / FRAMES_PER_SECOND for run in runs for t in run]}
         temperature = options.temperature
         result = self.sequential_model.transcribe(

@@ -11,6 +11,7 @@ whisper = pytest.importorskip("whisper")
 from whisper.tokenizer import get_tokenizer  # noqa: E402
 
 from decoding import DecodeBatch, TokenRules, decode_windows  # noqa: E402
+from gpu_check import HostSyncs, syncs_in_token_loop  # noqa: E402  (scripts/)
 
 FILES = ["jfk/jfk.flac", "english/mfa_acoustic_corpus.wav", "english/LJ002-0020.wav",
          "librispeech/test-clean/1221-135766-0001.wav"]
@@ -122,41 +123,14 @@ def test_a_sampled_row_depends_only_on_its_own_generator(model, mels):
     assert sampled_first_row(0) == sampled_first_row(3)
 
 
-class HostSyncs(torch.overrides.TorchFunctionMode):
-    """Counts the tensor calls that make the host wait for the device's result (on CUDA
-    a sync; on CPU the same calls, so the count is checked without a GPU)."""
-
-    SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-        self.counting = True
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if self.counting and name in self.SYNCS:
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 def _syncs_per_chunk(model, features, tokenizer, rules, temperatures, tokens):
     batch = DecodeBatch(model, tokenizer, rules)
     generators = [torch.Generator().manual_seed(k) if t > 0 else None for k, t in enumerate(temperatures)]
     batch.add(features, [tokenizer.sot_sequence] * len(temperatures), temperatures, generators,
               range(len(temperatures)))
     batch.horizon = max(batch.horizon, tokens)
-    counter, retire = HostSyncs(), batch._retire
-
-    def retire_uncounted():  # the end of the chunk reads the state once, however many tokens
-        counter.counting = False
-        return retire()
-
-    batch._retire = retire_uncounted
-    with counter, torch.no_grad():
-        batch.step(tokens)
-    assert not counter.counting, "the chunk ends in _retire"
-    return counter.calls
+    with torch.no_grad():
+        return syncs_in_token_loop(batch, tokens)
 
 
 def test_no_host_sync_per_token_at_any_temperature(model, mels):
