@@ -57,9 +57,7 @@ def compare_peer(engine, files, model_path: str, threads: int, batch_size: int) 
     transcripts = engine.transcribe([(audios[e.file], TranscriptionOptions()) for e in entries])
     rows.append((f"this engine, {engine.config.dtype}, all files at once", time.perf_counter() - started,
                  {e.file: t.text for e, t in zip(entries, transcripts)}))
-    for compute_type, size in (("int8", batch_size), ("float32", batch_size), ("int8", None)):
-        texts, seconds = peer.run_faster_whisper(model_dir, entries, audios, compute_type, threads, False, size)
-        rows.append((peer.describe(compute_type, threads, size), seconds, texts))
+    rows += peer.run_settings(model_dir, entries, audios, threads, batch_size)
     print(f"\n{len(entries)} files, {audio_s:.1f} s of audio; same weights: "
           f"{peer.same_weights(model_path, peer.model_name_of(model_path))}")
     print("| system | wall s | RTFx | WER |\n| --- | --- | --- | --- |")

@@ -132,12 +132,8 @@ def peer_rows(audio_dir: Path, files, model: str, threads: int) -> list:
     entries = [e for e in read_manifest(audio_dir / "manifest.tsv") if e.file in wanted]
     audios = {e.file: load(audio_dir / e.file) for e in entries}
     audio_s = sum(len(a) for a in audios.values()) / 16000
-    model_dir = peer.ct2_model_dir(model)
-    rows = []
-    for compute_type, batch_size in (("int8", 8), ("float32", 8), ("int8", None)):
-        texts, seconds = peer.run_faster_whisper(model_dir, entries, audios, compute_type, threads, False, batch_size)
-        rows.append((peer.describe(compute_type, threads, batch_size), audio_s / seconds, error_rate(entries, texts)))
-    return rows
+    return [(name, audio_s / seconds, error_rate(entries, texts))
+            for name, seconds, texts in peer.run_settings(peer.ct2_model_dir(model), entries, audios, threads)]
 
 
 def single_request(client: WhisperClient, path: Path, model: str, threads: int) -> dict:

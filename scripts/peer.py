@@ -190,3 +190,14 @@ def run_faster_whisper(
     elapsed = time.perf_counter() - started
     del pipeline, model
     return texts, elapsed
+
+
+def run_settings(model_dir: Path, entries, audios, threads: int, batch_size: int = 8):
+    """faster-whisper's CPU settings a user would pick, each over all `entries`: the batched
+    pipeline in int8 and float32, the sequential transcribe in int8. Returns
+    [(description, seconds, {file: text})]."""
+    rows = []
+    for compute_type, size in (("int8", batch_size), ("float32", batch_size), ("int8", None)):
+        texts, seconds = run_faster_whisper(model_dir, entries, audios, compute_type, threads, False, size)
+        rows.append((describe(compute_type, threads, size), seconds, texts))
+    return rows
