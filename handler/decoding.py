@@ -327,20 +327,19 @@ class DecodeBatch:
             "done": torch.zeros(n_rows, dtype=torch.bool, device=device),
             "row_temperature": torch.tensor([float(t) for t in temperatures], device=device).clamp(min=1e-6)[:, None],
         }
-        new["next_tokens"] = self._sample_step(new, logits, 0, *self._sampled_rows(temperatures, generators))
+        new["next_tokens"] = self._sample_step(new, logits, 0, *self._sampled_rows(temperatures, generators, device))
         self._merge(new, cache, width)
         self.tags += list(tags)
         self.temperatures += [float(t) for t in temperatures]
         self.generators += list(generators)
 
     @staticmethod
-    def _sampled_rows(temperatures, generators) -> Tuple[Optional[Tensor], List[torch.Generator]]:
-        """The rows that sample (an index tensor, None when none do) and their generators,
-        made once per chunk of tokens: nothing goes from the host per token."""
+    def _sampled_rows(temperatures, generators, device) -> Tuple[Optional[Tensor], List]:
+        """The rows that sample (an index tensor on `device`, None when none do) and their
+        generators, made once per chunk of tokens: nothing goes from the host per token."""
         rows = [k for k, t in enumerate(temperatures) if t > 0]
         if not rows:
             return None, []
-        device = next(g for g in generators if g is not None).device
         return torch.tensor(rows, device=device), [generators[k] for k in rows]
 
     def _sample_step(self, state: dict, logits: Tensor, step: int, sampled, generators) -> Tensor:
@@ -398,7 +397,7 @@ class DecodeBatch:
         """Decode up to `max_tokens` tokens for every row (fewer if all rows end first) and
         return the rows that have ended, which leave the batch."""
         state = self.state
-        sampled, generators = self._sampled_rows(self.temperatures, self.generators)
+        sampled, generators = self._sampled_rows(self.temperatures, self.generators, state["done"].device)
         for _ in range(min(max_tokens, self.horizon)):
             self.horizon -= 1
             column = self.column

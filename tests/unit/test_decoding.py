@@ -167,3 +167,15 @@ def test_the_gpu_layout_decodes_as_fp32_on_cpu(model, mels):
         return [done[k] for k in range(len(mels))]
 
     assert tokens(torch.float16) == tokens(torch.float32)
+
+
+def test_sampling_without_generators_uses_torchs_own(model, mels):
+    tokenizer = get_tokenizer(False, language="en", task="transcribe")
+    rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
+    with torch.no_grad():
+        features = model.encoder(mels[:1])
+    torch.manual_seed(3)
+    first = decode_windows(model, features, [tokenizer.sot_sequence], tokenizer, rules, temperatures=1.0)[0]
+    torch.manual_seed(3)
+    again = decode_windows(model, features, [tokenizer.sot_sequence], tokenizer, rules, temperatures=1.0)[0]
+    assert first.temperature == 1.0 and first.tokens == again.tokens
