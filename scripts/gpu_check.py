@@ -246,17 +246,19 @@ def check_syncs(checkpoint: Path, files, device, rows: dict) -> None:
     with torch.no_grad():
         features = model.encoder(mel[None].to(next(model.parameters()).dtype)).expand(4, -1, -1)
     rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, device)
-    batch = DecodeBatch(model, tokenizer, rules)
     temperatures = [0.0, 0.4, 0.8, 1.0]
-    generators = [torch.Generator(device).manual_seed(k) if t > 0 else None for k, t in enumerate(temperatures)]
-    batch.add(features, [tokenizer.sot_sequence] * 4, temperatures, generators, range(4))
-    batch.horizon = max(batch.horizon, 16)
-    calls = syncs_in_token_loop(batch, 16)
-    rows["host syncs in a 16-token chunk, sampled rows (counted calls)"] = str(len(calls))
-    if device.type == "cuda":
+
+    def sampled_batch():
         batch = DecodeBatch(model, tokenizer, rules)
+        generators = [torch.Generator(device).manual_seed(k) if t > 0 else None for k, t in enumerate(temperatures)]
         batch.add(features, [tokenizer.sot_sequence] * 4, temperatures, generators, range(4))
         batch.horizon = max(batch.horizon, 16)
+        return batch
+
+    calls = syncs_in_token_loop(sampled_batch(), 16)
+    rows["host syncs in a 16-token chunk, sampled rows (counted calls)"] = str(len(calls))
+    if device.type == "cuda":
+        batch = sampled_batch()
         retire, caught = batch._retire, []
 
         def retire_unchecked():
