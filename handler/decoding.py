@@ -3,16 +3,18 @@
 openai-whisper's `decode()` applies its timestamp rules with a Python loop over the
 batch and a `.tolist()` per row and step, and a batch runs until its slowest row ends.
 Here a `DecodeBatch` holds rows that decode side by side, each at its own temperature:
-rows join between chunks of tokens (`add`: their prompts are prefilled and merged into
-the running batch, left-padded to its cache column), run `step(n)` tokens at a time, and
-leave as soon as they end (`step` returns the finished rows), so a window that arrives
-while others decode does not wait for them, and finished rows are refilled. Whisper's
-rules (SuppressBlank, SuppressTokens, ApplyTimestampRules, greedy or sampled) are tensor
-operations on the whole batch; there is no host sync inside a chunk. At temperature 0 a
-row gets the same tokens as `whisper.decode(..., DecodingOptions(temperature=0))`,
-whatever else shares its batch.
+rows join between chunks of tokens (`add`: their prompts are prefilled and written into
+free slots of the batch's fixed buffers), run `step(n)` tokens at a time, and leave as
+soon as they end (`step` returns the finished rows), so a window that arrives while
+others decode does not wait for them, and finished rows are refilled. Whisper's rules
+(SuppressBlank, SuppressTokens, ApplyTimestampRules, greedy or sampled) are tensor
+operations on the whole batch; there is no host sync inside a chunk, and the token step
+has static shapes (captured as CUDA graphs on cuda). At temperature 0 a row gets the same
+tokens as `whisper.decode(..., DecodingOptions(temperature=0))`, whatever else shares its
+batch.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -24,6 +26,8 @@ from torch import Tensor
 from whisper.audio import CHUNK_LENGTH
 from whisper.tokenizer import Tokenizer
 from whisper.utils import compression_ratio
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,76 +149,22 @@ def _attend(q, k, v, n_head, is_causal=False, mask=None, kv_in_heads=False):
     return a.permute(0, 2, 1, 3).flatten(start_dim=2)
 
 
-class _Cache:
-    """Per decoder layer: self-attention keys/values (rows, columns, state) and the
-    cross-attention keys/values of the rows' audio, split into heads and contiguous
-    (attention over a permuted view copies the whole cache at every step: 3x slower per
-    step on CPU)."""
-
-    def __init__(self, self_k, self_v, cross_k, cross_v):
-        self.self_k, self.self_v, self.cross_k, self.cross_v = self_k, self_v, cross_k, cross_v
-
-    @classmethod
-    def for_audio(cls, model, audio_features: Tensor, columns: int) -> "_Cache":
-        decoder = model.decoder
-        n_rows, dtype, device = audio_features.shape[0], audio_features.dtype, audio_features.device
-        n_state = model.dims.n_text_state
-        self_k = [torch.zeros(n_rows, columns, n_state, dtype=dtype, device=device) for _ in decoder.blocks]
-        self_v = [torch.zeros_like(k) for k in self_k]
-        cross_k = [_heads(b.cross_attn.key(audio_features), b.cross_attn.n_head).contiguous()
-                   for b in decoder.blocks]
-        cross_v = [_heads(b.cross_attn.value(audio_features), b.cross_attn.n_head).contiguous()
-                   for b in decoder.blocks]
-        return cls(self_k, self_v, cross_k, cross_v)
-
-    def keep(self, rows: Tensor) -> None:
-        for cache in (self.self_k, self.self_v, self.cross_k, self.cross_v):
-            for i, t in enumerate(cache):
-                cache[i] = t.index_select(0, rows)
-
-    def columns(self, start: int, end: int, pad_left: int = 0) -> "_Cache":
-        """Self-attention columns [start, end) with `pad_left` zero columns before them and
-        enough after to reach end - start + pad_left; cross-attention as is."""
-        def cut(t):
-            part = t[:, start:end]
-            return F.pad(part, (0, 0, pad_left, 0)) if pad_left else part.contiguous()
-        return _Cache([cut(t) for t in self.self_k], [cut(t) for t in self.self_v],
-                      self.cross_k, self.cross_v)
-
-    def grow(self, columns: int) -> None:
-        """Room for `columns` self-attention columns in all."""
-        extra = columns - self.self_k[0].shape[1]
-        if extra > 0:
-            self.self_k = [F.pad(t, (0, 0, 0, extra)) for t in self.self_k]
-            self.self_v = [F.pad(t, (0, 0, 0, extra)) for t in self.self_v]
-
-    @staticmethod
-    def cat(a: "_Cache", b: "_Cache") -> "_Cache":
-        return _Cache(*([torch.cat([x, y]) for x, y in zip(p, q)]
-                        for p, q in ((a.self_k, b.self_k), (a.self_v, b.self_v),
-                                     (a.cross_k, b.cross_k), (a.cross_v, b.cross_v))))
-
-
-def _decoder_forward(model, tokens, positions, cache, start, mask, is_causal):
-    """Run the text decoder on `tokens` (n_rows, n) written at cache columns
-    [start, start + n); returns the hidden states after the final LayerNorm."""
+def _decoder_forward(model, tokens: Tensor, positions: Tensor, store, cross_k, cross_v,
+                     mask: Optional[Tensor], is_causal: bool) -> Tensor:
+    """Run the text decoder on `tokens` (n_rows, n) at `positions` (n_rows, n); returns the
+    hidden states after the final LayerNorm. store(layer, keys, values) keeps this call's
+    self-attention keys/values (n_rows, n, state) and returns all those the queries attend
+    over; cross_k/cross_v: per layer (n_rows, heads, n_audio_ctx, state / heads)."""
     decoder = model.decoder
-    dtype = cache.cross_k[0].dtype
-    x = decoder.token_embedding(tokens) + decoder.positional_embedding[positions]
-    x = x.to(dtype)
-    end = start + tokens.shape[1]
+    x = (decoder.token_embedding(tokens) + decoder.positional_embedding[positions]).to(cross_k[0].dtype)
     for i, block in enumerate(decoder.blocks):
         attn = block.attn
         h = block.attn_ln(x)
-        cache.self_k[i][:, start:end] = attn.key(h)
-        cache.self_v[i][:, start:end] = attn.value(h)
-        out = _attend(attn.query(h), cache.self_k[i][:, :end], cache.self_v[i][:, :end],
-                      attn.n_head, is_causal=is_causal, mask=mask)
-        x = x + attn.out(out)
+        keys, values = store(i, attn.key(h), attn.value(h))
+        x = x + attn.out(_attend(attn.query(h), keys, values, attn.n_head, is_causal=is_causal, mask=mask))
         cross = block.cross_attn
         h = block.cross_attn_ln(x)
-        out = _attend(cross.query(h), cache.cross_k[i], cache.cross_v[i], cross.n_head, kv_in_heads=True)
-        x = x + cross.out(out)
+        x = x + cross.out(_attend(cross.query(h), cross_k[i], cross_v[i], cross.n_head, kv_in_heads=True))
         x = x + block.mlp(block.mlp_ln(x))
     return decoder.ln(x)
 
@@ -238,10 +188,20 @@ def _sample(logits: Tensor, row_temperature: Tensor, sampled: Optional[Tensor], 
     return next_tokens.index_copy(0, sampled, scores.argmax(dim=-1))
 
 
-# per-row state tensors, kept in this order through joins and compaction
-_ROW_STATE = ("next_tokens", "next_position", "key_mask", "out_tokens", "row_step", "n_steps",
-              "n_sampled", "sum_logprobs", "no_speech", "last", "penultimate", "last_ts", "done",
-              "row_temperature")
+# Row counts a step runs at on cuda, one CUDA graph each (per attention span): rows that
+# do not fill a bucket run as idle padding rows. On cpu every count is its own bucket.
+CUDA_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256) + tuple(range(320, 4097, 64))
+# Self-attention columns a step attends over come in multiples of this (its own graph each
+# on cuda; on cpu a small step keeps masked columns few)
+SPAN_STEP = {"cuda": 64, "cpu": 8}
+GRAPH_WARMUP_STEPS = 2  # eager steps of a (rows, span) shape before it is captured
+
+
+@dataclass
+class _Row:
+    tag: Any
+    temperature: float
+    generator: Optional[torch.Generator]
 
 
 class DecodeBatch:
@@ -255,83 +215,184 @@ class DecodeBatch:
     features: (n, n_audio_ctx, n_audio_state); initial_tokens: per row [sot_prev, prompt...,]
     sot, [language, task]; a row sampled at a temperature above 0 draws from its own
     generator, on the features' device. Tags are the caller's: they come back with the
-    results. Inside a chunk of tokens nothing waits for the device (tests/unit/
-    test_decoding.py counts the host syncs): `step` reads the rows' state once, at the end.
+    results.
+
+    The step is static: every row lives in a slot of fixed buffers (its self-attention cache
+    has n_text_ctx columns; row r writes its token k at column k, and a boolean mask
+    says which columns hold its keys), all per-row counters stay on the device, and a step
+    runs over the first `rows` slots (a bucket) and the first `span` columns, both from a
+    small set of sizes. So a joining row is written into a free slot (nothing else moves),
+    a finished row frees its slot, and rows are compacted only when they fit a smaller
+    bucket. Inside a chunk of tokens nothing waits for the device (tests/unit/
+    test_decoding.py counts the host syncs); on cuda each (rows, span) step with no
+    sampled row is captured as a CUDA graph after two eager runs and replayed.
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, rules: TokenRules, max_new_tokens: Optional[int] = None):
+    def __init__(self, model, tokenizer: Tokenizer, rules: TokenRules, max_new_tokens: Optional[int] = None,
+                 row_buckets: Optional[Sequence[int]] = None, span_step: Optional[int] = None,
+                 cuda_graphs: Optional[bool] = None):
         self.model, self.tokenizer, self.rules = model, tokenizer, rules
+        self.device = rules.suppress.device
+        cuda = self.device.type == "cuda"
         self.n_ctx = model.dims.n_text_ctx
         self.sample_len = max_new_tokens or self.n_ctx // 2
-        self.tags: List[Any] = []
-        self.temperatures: List[float] = []
-        self.generators: List[Optional[torch.Generator]] = []
-        self.cache: Optional[_Cache] = None
-        self.column = 0  # the cache column the next token is written to
-        self.horizon = 0  # tokens after which every row has ended (the cache has room for them)
+        self.row_buckets = tuple(row_buckets) if row_buckets else (CUDA_ROW_BUCKETS if cuda else None)
+        self.span_step = span_step or SPAN_STEP["cuda" if cuda else "cpu"]
+        self.cuda_graphs = cuda if cuda_graphs is None else bool(cuda_graphs and cuda)
+        self.slots: List[Optional[_Row]] = []  # None: a free slot
+        self.state: dict = {}  # per-row tensors, (capacity, ...)
+        self.self_k: List[Tensor] = []  # per layer (capacity, n_ctx, state)
+        self.self_v: List[Tensor] = []
+        self.cross_k: List[Tensor] = []  # per layer (capacity, heads, n_audio_ctx, state / heads)
+        self.cross_v: List[Tensor] = []
+        self.bound = 0  # no row in use writes its next token past this column
+        self.horizon = 0  # tokens after which every row has ended
+        self.graphs: dict = {}  # (rows, span) -> torch.cuda.CUDAGraph
+        self._eager_runs: dict = {}
+        self._pool = None
 
     def __len__(self) -> int:
-        return len(self.tags)
+        return sum(row is not None for row in self.slots)
+
+    @property
+    def tags(self) -> List[Any]:
+        return [row.tag for row in self.slots if row is not None]
+
+    # ------------------------------------------------------------------ sizes
+
+    def _bucket(self, n: int) -> int:
+        if not self.row_buckets or n > self.row_buckets[-1]:
+            return n
+        return next(b for b in self.row_buckets if b >= n)
+
+    def _rows(self) -> int:
+        """The slots a step runs over: the bucket holding the highest slot in use."""
+        used = [k for k, row in enumerate(self.slots) if row is not None]
+        return self._bucket(used[-1] + 1) if used else 0
+
+    def _span(self, tokens: int) -> int:
+        step = self.span_step
+        return min(self.n_ctx, -(-(self.bound + tokens) // step) * step)
+
+    def _grow(self, capacity: int) -> None:
+        """Buffers for `capacity` rows, the rows in use copied over. Allocates before it
+        assigns: an out-of-memory error leaves the batch as it was."""
+        old = len(self.slots)
+        dims, dtype, device = self.model.dims, self.model.decoder.token_embedding.weight.dtype, self.device
+        if self.cross_k:
+            dtype = self.cross_k[0].dtype
+        heads = self.model.decoder.blocks[0].cross_attn.n_head
+        n_layers = len(self.model.decoder.blocks)
+
+        def rows(t: Optional[Tensor], shape, dtype, fill=0):
+            new = torch.full((capacity, *shape), fill, dtype=dtype, device=device)
+            if t is not None:
+                new[:old] = t
+            return new
+
+        none = -1
+        spec = {  # name: (shape, dtype, value of an unused row)
+            "next_tokens": ((), torch.long, self.rules.eot), "next_position": ((), torch.long, 0),
+            "key_mask": ((self.n_ctx,), torch.bool, False), "out_tokens": ((self.sample_len,), torch.long, 0),
+            "row_step": ((), torch.long, 0), "n_steps": ((), torch.long, 0), "n_sampled": ((), torch.long, 0),
+            "sum_logprobs": ((), torch.float32, 0.0), "no_speech": ((), torch.float32, 0.0),
+            "last": ((), torch.long, none), "penultimate": ((), torch.long, none), "last_ts": ((), torch.long, none),
+            "done": ((), torch.bool, True), "row_temperature": ((1,), torch.float32, 1.0),
+        }
+        state = {name: rows(self.state.get(name), shape, dt, fill) for name, (shape, dt, fill) in spec.items()}
+        state["key_mask"][old:, 0] = True  # an unused row attends to one column: no all -inf row
+        cache = [[rows(t[k] if t else None, shape, dtype) for k in range(n_layers)]
+                 for t, shape in ((self.self_k, (self.n_ctx, dims.n_text_state)),
+                                  (self.self_v, (self.n_ctx, dims.n_text_state)),
+                                  (self.cross_k, (heads, dims.n_audio_ctx, dims.n_text_state // heads)),
+                                  (self.cross_v, (heads, dims.n_audio_ctx, dims.n_text_state // heads)))]
+        self.state = state
+        self.self_k, self.self_v, self.cross_k, self.cross_v = cache
+        self.slots += [None] * (capacity - old)
+        self.graphs.clear()  # they were captured over the old buffers
+        self._eager_runs.clear()
+
+    def _buffers(self) -> List[Tensor]:
+        return list(self.state.values()) + self.self_k + self.self_v + self.cross_k + self.cross_v
+
+    # ------------------------------------------------------------------ joining
 
     @torch.no_grad()
     def add(self, audio_features: Tensor, initial_tokens: Sequence[Sequence[int]],
             temperatures: Sequence[float], generators: Sequence[Optional[torch.Generator]],
             tags: Sequence[Any]) -> None:
-        """Prefill new rows, sample their first token, and merge them into the batch."""
+        """Prefill new rows, sample their first token, and write them into free slots."""
         model, rules = self.model, self.rules
         device = audio_features.device
         n_rows = audio_features.shape[0]
         lengths = [len(t) for t in initial_tokens]
         width = max(lengths)
+        # right padding: under the causal mask no real token sees the padding after it
         padded = torch.full((n_rows, width), rules.eot, dtype=torch.long)
-        positions = torch.zeros((n_rows, width), dtype=torch.long)
         sot_index = torch.zeros(n_rows, dtype=torch.long)
         for r, toks in enumerate(initial_tokens):
-            pad = width - len(toks)
-            padded[r, pad:] = torch.tensor(toks)
-            positions[r, pad:] = torch.arange(len(toks))
-            sot_index[r] = pad + list(toks).index(rules.sot)
-        padded, positions, sot_index = padded.to(device), positions.to(device), sot_index.to(device)
-        # left padding: real keys only, and each pad query sees itself so no row is all -inf
-        is_real = positions > 0
-        is_real[torch.arange(n_rows), width - torch.tensor(lengths, device=device)] = True
-        mask = None
-        if min(lengths) != width:
-            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-            eye = torch.eye(width, dtype=torch.bool, device=device)
-            mask = ((causal & is_real[:, None, :]) | eye)[:, None]  # (rows, 1, q, k)
+            padded[r, : len(toks)] = torch.tensor(toks)
+            sot_index[r] = list(toks).index(rules.sot)
+        padded, sot_index = padded.to(device), sot_index.to(device)
+        positions = torch.arange(width, device=device).expand(n_rows, -1)
+        length = torch.tensor(lengths, device=device)
 
-        cache = _Cache.for_audio(model, audio_features, width)
-        hidden = _decoder_forward(model, padded, positions, cache, 0, mask=mask, is_causal=mask is None)
+        blocks = model.decoder.blocks
+        cross_k = [_heads(b.cross_attn.key(audio_features), b.cross_attn.n_head).contiguous() for b in blocks]
+        cross_v = [_heads(b.cross_attn.value(audio_features), b.cross_attn.n_head).contiguous() for b in blocks]
+        self_k, self_v = [None] * len(blocks), [None] * len(blocks)
+
+        def store(i, k, v):
+            self_k[i], self_v[i] = k, v
+            return k, v
+
+        hidden = _decoder_forward(model, padded, positions, store, cross_k, cross_v, mask=None, is_causal=True)
         rows = torch.arange(n_rows, device=device)
-        at_sot = _logits(model, hidden[rows, sot_index][:, None])[:, 0]
+        at_sot = _logits(model, hidden[rows, sot_index])
         if rules.no_speech is not None:
             no_speech = at_sot.softmax(dim=-1)[:, rules.no_speech]
         else:
             no_speech = torch.full((n_rows,), float("nan"), device=device)
-        logits = _logits(model, hidden[:, -1:])[:, 0]
+        logits = _logits(model, hidden[rows, length - 1])
 
         # whisper stops once the context holds more than n_ctx tokens
-        n_steps = torch.tensor([min(self.sample_len, self.n_ctx + 1 - n) for n in lengths], device=device)
-        none = torch.full((n_rows,), -1, dtype=torch.long, device=device)
+        n_steps = [min(self.sample_len, self.n_ctx + 1 - n) for n in lengths]
         new = {
-            "next_position": torch.tensor(lengths, device=device),
-            "key_mask": is_real,
+            "next_position": length,
+            "key_mask": torch.arange(self.n_ctx, device=device)[None, :] < length[:, None],
             "out_tokens": torch.full((n_rows, self.sample_len), rules.eot, dtype=torch.long, device=device),
             "row_step": torch.zeros(n_rows, dtype=torch.long, device=device),
-            "n_steps": n_steps,
-            "n_sampled": n_steps.clone(),
+            "n_steps": torch.tensor(n_steps, device=device),
+            "n_sampled": torch.tensor(n_steps, device=device),
             "sum_logprobs": torch.zeros(n_rows, device=device),
-            "no_speech": no_speech,
-            "last": none, "penultimate": none.clone(), "last_ts": none.clone(),
+            "no_speech": no_speech.float(),
             "done": torch.zeros(n_rows, dtype=torch.bool, device=device),
             "row_temperature": torch.tensor([float(t) for t in temperatures], device=device).clamp(min=1e-6)[:, None],
+            "next_tokens": torch.zeros(n_rows, dtype=torch.long, device=device),
+            **{name: torch.full((n_rows,), -1, dtype=torch.long, device=device)
+               for name in ("last", "penultimate", "last_ts")},
         }
-        new["next_tokens"] = self._sample_step(new, logits, 0, *self._sampled_rows(temperatures, generators, device))
-        self._merge(new, cache, width)
-        self.tags += list(tags)
-        self.temperatures += [float(t) for t in temperatures]
-        self.generators += list(generators)
+        self._sample_step(new, logits, 0, *self._sampled_rows(temperatures, generators, device))
+
+        # into the lowest free slots, growing the buffers first if they are full
+        free = [k for k, row in enumerate(self.slots) if row is None]
+        if len(free) < n_rows:
+            capacity = self._bucket(len(self.slots) + n_rows - len(free))
+            self._grow(max(capacity, 2 * len(self.slots)) if self.row_buckets else capacity)
+            free = [k for k, row in enumerate(self.slots) if row is None]
+        slots = free[:n_rows]
+        index = torch.tensor(slots, device=device)
+        for name, value in new.items():
+            self.state[name].index_copy_(0, index, value)
+        for i in range(len(blocks)):
+            self.self_k[i][:, :width].index_copy_(0, index, self_k[i])
+            self.self_v[i][:, :width].index_copy_(0, index, self_v[i])
+            self.cross_k[i].index_copy_(0, index, cross_k[i])
+            self.cross_v[i].index_copy_(0, index, cross_v[i])
+        for k, tag, t, g in zip(slots, tags, temperatures, generators):
+            self.slots[k] = _Row(tag, float(t), g)
+        self.bound = max(self.bound, width)
+        self.horizon = max(self.horizon, max(n_steps) - 1)
 
     @staticmethod
     def _sampled_rows(temperatures, generators, device) -> Tuple[Optional[Tensor], List]:
@@ -342,105 +403,137 @@ class DecodeBatch:
             return None, []
         return torch.tensor(rows, device=device), [generators[k] for k in rows]
 
-    def _sample_step(self, state: dict, logits: Tensor, step: int, sampled, generators) -> Tensor:
-        """Apply the rules, sample one token per row and record it; returns the tokens."""
+    def _sample_step(self, state: dict, logits: Tensor, step: int, sampled, generators) -> None:
+        """Apply the rules, sample one token per row and record it, all in place in `state`."""
         rules = self.rules
         apply_rules(rules, logits, step, state["last"], state["penultimate"], state["last_ts"])
         tokens = _sample(logits, state["row_temperature"], sampled, generators)
         done = state["done"]
         logprobs = F.log_softmax(logits.float(), dim=-1)  # as whisper, for equal sums
         current = logprobs.gather(1, tokens[:, None])[:, 0]
-        state["sum_logprobs"] += current * ~done
+        state["sum_logprobs"].add_(torch.where(done, torch.zeros_like(current), current))
         tokens = torch.where(done, torch.full_like(tokens, rules.eot), tokens)
         step_index = state["row_step"]
         state["out_tokens"].scatter_(1, step_index.clamp(max=self.sample_len - 1)[:, None], tokens[:, None])
         ended = (tokens == rules.eot) & ~done
-        state["n_sampled"] = torch.where(ended, step_index, state["n_sampled"])
-        state["row_step"] = step_index + (~done).long()
-        state["done"] = done | (tokens == rules.eot) | (state["row_step"] >= state["n_steps"])
-        state["penultimate"], state["last"] = state["last"], tokens
-        state["last_ts"] = torch.where(tokens >= rules.timestamp_begin, tokens, state["last_ts"])
-        return tokens
+        state["n_sampled"].copy_(torch.where(ended, step_index, state["n_sampled"]))
+        next_step = step_index + (~done).long()
+        done.copy_(done | (tokens == rules.eot) | (next_step >= state["n_steps"]))
+        step_index.copy_(next_step)
+        state["penultimate"].copy_(state["last"])
+        state["last"].copy_(tokens)
+        state["last_ts"].copy_(torch.where(tokens >= rules.timestamp_begin, tokens, state["last_ts"]))
+        state["next_tokens"].copy_(tokens)
 
-    def _merge(self, new: dict, cache: _Cache, width: int) -> None:
-        """Join rows whose caches hold `width` columns into the batch, left-padding whichever
-        side is shorter so every row writes its next token at the same column, and dropping
-        leading columns no row uses any more."""
-        if not self.tags:
-            self.cache, self.column = cache, width
-            self.state = new
-        else:
-            # everything is computed before anything is assigned: a failure (out of
-            # memory) leaves the batch as it was
-            column = max(self.column, width)
-            merged_cache = _Cache.cat(self.cache.columns(0, self.column, pad_left=column - self.column),
-                                      cache.columns(0, width, pad_left=column - width))
-            masks = {"key_mask": torch.cat([F.pad(self.state["key_mask"][:, : self.column], (column - self.column, 0)),
-                                            F.pad(new["key_mask"], (column - width, 0))])}
-            merged = {k: masks[k] if k in masks else torch.cat([self.state[k], new[k]]) for k in _ROW_STATE}
-            self.cache, self.state, self.column = merged_cache, merged, column
-        self._trim()
-        self.horizon = int((self.state["n_steps"] - self.state["row_step"]).max())
-        self.cache.grow(self.column + self.horizon)
+    # ------------------------------------------------------------------ decoding
 
-    def _trim(self) -> None:
-        """Drop the leading cache columns that are padding for every row."""
-        used = self.state["key_mask"][:, : self.column].any(dim=0)
-        first = int(used.float().argmax()) if bool(used.any()) else self.column
-        if first > 0:
-            self.cache = self.cache.columns(first, self.cache.self_k[0].shape[1])
-            self.state["key_mask"] = self.state["key_mask"][:, first:]
-            self.column -= first
+    def _token_step(self, rows: int, span: int, sampled, generators) -> None:
+        """One token for slots [0, rows), attending over columns [0, span): every write is
+        in place into the batch's buffers, so the same call can be captured as a graph."""
+        state = {name: t[:rows] for name, t in self.state.items()}
+        position = state["next_position"]
+        state["key_mask"].scatter_(1, position[:, None], True)
+        column = position[:, None, None].expand(rows, 1, self.self_k[0].shape[-1])
+
+        def store(i, k, v):
+            keys, values = self.self_k[i][:rows], self.self_v[i][:rows]
+            keys.scatter_(1, column, k)
+            values.scatter_(1, column, v)
+            return keys[:, :span], values[:, :span]
+
+        hidden = _decoder_forward(
+            self.model, state["next_tokens"][:, None], position[:, None], store,
+            [t[:rows] for t in self.cross_k], [t[:rows] for t in self.cross_v],
+            mask=state["key_mask"][:, None, None, :span], is_causal=False,
+        )
+        self._sample_step(state, _logits(self.model, hidden[:, -1]), 1, sampled, generators)
+        position.add_((~state["done"]).long())  # a finished row stays where it is: inside the cache
 
     @torch.no_grad()
     def step(self, max_tokens: int) -> List[Tuple[Any, DecodedWindow]]:
         """Decode up to `max_tokens` tokens for every row (fewer if all rows end first) and
         return the rows that have ended, which leave the batch."""
-        state = self.state
-        sampled, generators = self._sampled_rows(self.temperatures, self.generators, state["done"].device)
-        for _ in range(min(max_tokens, self.horizon)):
-            self.horizon -= 1
-            column = self.column
-            state["key_mask"] = F.pad(state["key_mask"][:, :column], (0, 1), value=True)
-            hidden = _decoder_forward(
-                self.model, state["next_tokens"][:, None], state["next_position"][:, None], self.cache,
-                column, mask=state["key_mask"][:, None, None, :], is_causal=False,
-            )
-            state["next_position"] = state["next_position"] + 1
-            self.column += 1
-            logits = _logits(self.model, hidden[:, -1:])[:, 0]
-            state["next_tokens"] = self._sample_step(state, logits, 1, sampled, generators)
-        return self._retire()
-
-    def _retire(self) -> List[Tuple[Any, DecodedWindow]]:
-        state = self.state
-        done = state["done"].tolist()  # the one host sync per chunk
-        if not any(done):
+        if not len(self):
             return []
-        out_tokens = state["out_tokens"].cpu()
-        n_sampled, sums = state["n_sampled"].tolist(), state["sum_logprobs"].tolist()
-        no_speech = state["no_speech"].tolist()
+        tokens = min(max_tokens, self.horizon)
+        rows, span = self._rows(), self._span(tokens)
+        in_use = self.slots[:rows]
+        sampled, generators = self._sampled_rows(
+            [row.temperature if row else 0.0 for row in in_use], [row and row.generator for row in in_use],
+            self.device)
+        key = (rows, span)
+        for _ in range(tokens):
+            graph = self.graphs.get(key) if self.cuda_graphs and sampled is None else None
+            if graph is not None:
+                graph.replay()
+            else:
+                self._token_step(rows, span, sampled, generators)
+                if self.cuda_graphs and sampled is None:
+                    self._eager_runs[key] = self._eager_runs.get(key, 0) + 1
+                    if self._eager_runs[key] == GRAPH_WARMUP_STEPS:
+                        self._capture(key)
+        self.horizon -= tokens
+        self.bound = min(self.n_ctx - 1, self.bound + tokens)
+        return self._retire(rows)
+
+    def _capture(self, key: Tuple[int, int]) -> None:
+        """Record the token step of this shape as a CUDA graph (not run: the next token
+        replays it). A capture that fails leaves the batch eager."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                self._token_step(*key, None, [])
+        except Exception:
+            logger.warning("capturing the decode step as a CUDA graph failed: decoding eagerly", exc_info=True)
+            self.cuda_graphs = False
+            return
+        self._pool = self._pool or graph.pool()
+        self.graphs[key] = graph
+
+    def _retire(self, rows: int) -> List[Tuple[Any, DecodedWindow]]:
+        state = self.state
+        # the one host sync per chunk: which rows ended, and where the others are
+        done, position = torch.stack([state["done"][:rows].long(), state["next_position"][:rows]]).tolist()
+        ended = [k for k in range(rows) if self.slots[k] is not None and done[k]]
         finished = []
-        for r in (r for r, d in enumerate(done) if d):
-            tokens = out_tokens[r, : n_sampled[r]].tolist()
-            text = self.tokenizer.decode(tokens).strip()
-            finished.append((self.tags[r], DecodedWindow(
-                tokens=tokens, text=text, sum_logprob=sums[r], avg_logprob=sums[r] / (len(tokens) + 1),
-                no_speech_prob=no_speech[r], temperature=self.temperatures[r],
-                compression_ratio=compression_ratio(text),
-            )))
-        keep = [r for r, d in enumerate(done) if not d]
-        self.tags = [self.tags[r] for r in keep]
-        self.temperatures = [self.temperatures[r] for r in keep]
-        self.generators = [self.generators[r] for r in keep]
-        if keep:
-            index = torch.tensor(keep, device=state["done"].device)
-            self.state = {k: state[k].index_select(0, index) for k in _ROW_STATE}
-            self.cache.keep(index)
-            self._trim()
-        else:
-            self.state, self.cache, self.column, self.horizon = {}, None, 0, 0
+        if ended:
+            index = torch.tensor(ended, device=self.device)
+            out_tokens = state["out_tokens"].index_select(0, index).cpu()
+            n_sampled = state["n_sampled"].index_select(0, index).tolist()
+            sums = state["sum_logprobs"].index_select(0, index).tolist()
+            no_speech = state["no_speech"].index_select(0, index).tolist()
+            for j, k in enumerate(ended):
+                row = self.slots[k]
+                tokens = out_tokens[j, : n_sampled[j]].tolist()
+                text = self.tokenizer.decode(tokens).strip()
+                finished.append((row.tag, DecodedWindow(
+                    tokens=tokens, text=text, sum_logprob=sums[j], avg_logprob=sums[j] / (len(tokens) + 1),
+                    no_speech_prob=no_speech[j], temperature=row.temperature,
+                    compression_ratio=compression_ratio(text),
+                )))
+                self.slots[k] = None
+        live = [k for k, row in enumerate(self.slots) if row is not None]
+        self.bound = max((position[k] for k in live), default=0)
+        if not live:
+            self.horizon = 0
+        self._compact(live)
         return finished
+
+    def _compact(self, live: List[int]) -> None:
+        """Move the rows in slots past the smallest bucket that holds them all into free
+        slots below it (a step runs over a bucket of slots; free ones below run idle)."""
+        target = self._bucket(len(live))
+        movers = [k for k in live if k >= target]
+        if not movers:
+            return
+        holes = [k for k in range(target) if self.slots[k] is None][: len(movers)]
+        src = torch.tensor(movers, device=self.device)
+        dst = torch.tensor(holes, device=self.device)
+        for t in self._buffers():
+            t.index_copy_(0, dst, t.index_select(0, src))
+        self.state["done"].index_fill_(0, src, True)  # the old slots become idle rows
+        for a, b in zip(movers, holes):
+            self.slots[b], self.slots[a] = self.slots[a], None
 
 
 @torch.no_grad()

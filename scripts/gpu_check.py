@@ -153,9 +153,9 @@ def syncs_in_token_loop(batch, tokens: int) -> list:
     """The host syncs of `batch.step(tokens)` before its end-of-chunk read (_retire)."""
     counter, retire = HostSyncs(), batch._retire
 
-    def retire_uncounted():
+    def retire_uncounted(*args):
         counter.counting = False
-        return retire()
+        return retire(*args)
 
     batch._retire = retire_uncounted
     try:
@@ -261,9 +261,9 @@ def check_syncs(checkpoint: Path, files, device, rows: dict) -> None:
         batch = sampled_batch()
         retire, caught = batch._retire, []
 
-        def retire_unchecked():
+        def retire_unchecked(*args):
             torch.cuda.set_sync_debug_mode(0)
-            return retire()
+            return retire(*args)
 
         batch._retire = retire_unchecked
         torch.cuda.set_sync_debug_mode("error")

@@ -179,3 +179,51 @@ def test_sampling_without_generators_uses_torchs_own(model, mels):
     torch.manual_seed(3)
     again = decode_windows(model, features, [tokenizer.sot_sequence], tokenizer, rules, temperatures=1.0)[0]
     assert first.temperature == 1.0 and first.tokens == again.tokens
+
+
+def test_cuda_buckets_and_spans_on_cpu_decode_as_exact_sizes(model, mels):
+    """The static step with cuda's row buckets (idle padding rows, compaction when the rows
+    fit a smaller bucket) and 64-column attention spans gives the tokens of exact sizes,
+    with rows joining and leaving; the step runs over whole buckets."""
+    from decoding import CUDA_ROW_BUCKETS
+
+    tokenizer = get_tokenizer(False, language="en", task="transcribe")
+    rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
+    prompted = [tokenizer.sot_prev] + tokenizer.encode(" Kennedy, inaugural.") + list(tokenizer.sot_sequence)
+    initial = [tokenizer.sot_sequence, prompted, tokenizer.sot_sequence]
+    with torch.no_grad():
+        features = model.encoder(mels[:3])
+    alone = greedy_alone(model, features, initial, tokenizer, rules)
+
+    batch = DecodeBatch(model, tokenizer, rules, row_buckets=CUDA_ROW_BUCKETS, span_step=64)
+    got, rows_seen, moved = {}, set(), []
+    compact = batch._compact
+    batch._compact = lambda live: (moved.append([k for k in live if k >= batch._bucket(len(live))]), compact(live))
+    batch.add(features[:2], initial[:2], [0.0, 0.0], [None, None], [0, 1])
+    batch.add(features[2:], initial[2:], [0.0], [None], [2])  # three rows: a bucket of four
+    while len(batch):
+        rows_seen.add(batch._rows())
+        got.update(batch.step(4))
+    assert [got[i].tokens for i in range(3)] == alone
+    assert 4 in rows_seen and rows_seen <= set(CUDA_ROW_BUCKETS)
+    assert any(moved), "no row was moved down to a smaller bucket"
+
+
+def test_a_token_step_writes_only_into_its_buffers(model, mels):
+    """What CUDA graph capture needs: a chunk of tokens reads and writes the batch's buffers
+    in place (same storage before and after), so a replayed graph sees the live state."""
+    tokenizer = get_tokenizer(False, language="en", task="transcribe")
+    rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
+    with torch.no_grad():
+        features = model.encoder(mels[:2])
+    batch = DecodeBatch(model, tokenizer, rules)
+    batch.add(features, [tokenizer.sot_sequence] * 2, [0.0, 0.0], [None, None], [0, 1])
+    before = {name: t.data_ptr() for name, t in batch.state.items()}
+    caches = [t.data_ptr() for t in batch._buffers()]
+    position = batch.state["next_position"].clone()
+    with torch.no_grad():
+        for _ in range(3):
+            batch._token_step(2, batch._span(3), None, [])
+    assert {name: t.data_ptr() for name, t in batch.state.items()} == before
+    assert [t.data_ptr() for t in batch._buffers()] == caches
+    assert (batch.state["next_position"] == position + 3).all()  # the counters moved on the device
