@@ -45,7 +45,7 @@ from formats import Segment, Transcript, Word
 from oom import is_out_of_memory
 from options import TranscriptionOptions
 from cpu import bf16_unit
-from runner import ModelRunner, gpu_window_budget
+from runner import AlignmentWindow, ModelRunner, gpu_window_budget
 from stream import Request, Stream, speech_runs, spans_in_frames, stream_clips, to_segment
 from vad import SileroVad
 from windows import FRAMES_PER_SECOND, Thresholds, split_points
@@ -438,13 +438,9 @@ class Engine:
         rows = len(self.runner.decoding)
         touched = []
         if rows:
-            for s, result in self._decode():
-                touched.append(s.request)
-                try:
-                    self._apply(s, result)
-                except Exception as exc:
-                    logger.exception("request %s: applying a window failed", s.request.id)
-                    self._fail(s.request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
+            ended = self._decode()
+            touched = [s.request for s, _ in ended]
+            self._apply(ended)
         for r in dict.fromkeys(touched):
             self._publish(r)
             if r.error is None and r.done:
@@ -571,23 +567,64 @@ class Engine:
         logger.error("request %s: window failed alone: %s", request.id, message)
         return InternalError(f"transcription failed: {message}")
 
-    def _apply(self, s: Stream, result) -> None:
-        """A window's decoded result to its stream: again one level hotter, or committed."""
+    def _apply(self, ended: List[Tuple[Stream, object]]) -> None:
+        """The windows that ended this step to their streams: each again one level hotter,
+        or committed, the words of all that ask for word timestamps timed together."""
+        proposals = []
+        for s, result in ended:
+            try:
+                proposal = self._propose(s, result)
+            except Exception as exc:
+                logger.exception("request %s: applying a window failed", s.request.id)
+                self._fail(s.request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
+                continue
+            if proposal is not None:
+                proposals.append((s, proposal))
+        self._time_words([(s, p) for s, p in proposals if s.word_timestamps and p[0].segments])
+        for s, (proposal, _, _) in proposals:
+            if s.request.error is not None:
+                continue
+            try:
+                seek = s.seek
+                s.commit(proposal)
+            except Exception as exc:
+                logger.exception("request %s: applying a window failed", s.request.id)
+                self._fail(s.request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
+                continue
+            self.stats["committed_audio_s"] += max(0, s.seek - seek) * HOP_LENGTH / SAMPLE_RATE
+
+    def _propose(self, s: Stream, result):
+        """(proposal, encoder output, tokenizer) for a window's result, or None: it decodes
+        again, hotter, from the next step on (or its request has failed)."""
         r = s.request
         if r.error is not None:
-            return
+            return None
         chosen = s.record(result, self.thresholds)
-        if chosen is None:  # decode again, hotter, from the next step on
-            return
+        if chosen is None:
+            return None
         features = self._features.pop(id(s))
         tokenizer = self.runner.tokenizer(r.language, r.options.task)
-        proposal = s.propose(chosen, self.thresholds, tokenizer)
-        if s.word_timestamps and proposal.segments:
-            self.runner.add_word_timestamps(proposal.segments, features, s.window_size, tokenizer,
-                                            s.last_speech_timestamp)
-        seek = s.seek
-        s.commit(proposal)
-        self.stats["committed_audio_s"] += max(0, s.seek - seek) * HOP_LENGTH / SAMPLE_RATE
+        return s.propose(chosen, self.thresholds, tokenizer), features, tokenizer
+
+    def _time_words(self, proposals) -> None:
+        """Word timestamps for these windows in one runner call; if it fails, each window
+        alone, so only a request whose own window fails is failed."""
+        def windows(items):
+            return [AlignmentWindow(p.segments, features, s.window_size, tokenizer, s.last_speech_timestamp)
+                    for s, (p, features, tokenizer) in items]
+
+        if len(proposals) > 1:
+            try:
+                self.runner.add_word_timestamps(windows(proposals))
+                return
+            except Exception:
+                logger.exception("word timestamps of %d windows failed: timing them one at a time", len(proposals))
+        for item in proposals:
+            try:
+                self.runner.add_word_timestamps(windows([item]))
+            except Exception as exc:
+                logger.exception("request %s: word timestamps failed", item[0].request.id)
+                self._fail(item[0].request, InternalError(f"word timestamps failed: {type(exc).__name__}: {exc}"))
 
     # ------------------------------------------------------------------ answers
 

@@ -9,12 +9,16 @@ state: `reset` drops it (after a failure) and hands back the tags of its rows.
 
 import copy
 import time
+from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+from whisper.model import disable_sdpa
 from whisper.timing import add_word_timestamps, dtw
 from whisper.tokenizer import LANGUAGES, get_tokenizer
 
@@ -52,18 +56,45 @@ def prepare_model(model, device: str, dtype: torch.dtype):
     return model
 
 
-class _Encoded:
-    """The model as whisper.timing sees it, fed the window's encoder output instead of
-    its mel, so word timestamps do not run the encoder a second time."""
+ALIGN_GROUP = 16  # windows per decoder pass of word alignment (their logits and attention maps fit)
 
-    def __init__(self, model):
-        self.model = model
 
-    def __getattr__(self, name):
-        return getattr(self.model, name)
+@dataclass
+class AlignmentWindow:
+    """One window's segments to time (in place), as whisper.timing.add_word_timestamps
+    takes them; features: (n_audio_ctx, n_audio_state), the window's encoder output."""
 
-    def __call__(self, audio_features, tokens):
-        return self.model.decoder(tokens, audio_features)
+    segments: List[dict]
+    features: torch.Tensor
+    num_frames: int
+    tokenizer: object
+    last_speech_timestamp: float
+
+
+class _Replayed:
+    """The model as whisper.timing's find_alignment sees it for one window whose decoder
+    pass was already run with others: calling it hands the hooks find_alignment installs
+    on the cross-attention layers that window's attention maps, and returns its logits.
+    So the alignment rules (median filter, DTW, word merging, the long-word heuristics)
+    stay whisper's own, while the device work is one pass for many windows."""
+
+    def __init__(self, model, logits: torch.Tensor, qks: List[torch.Tensor]):
+        self.dims, self.alignment_heads, self.device = model.dims, model.alignment_heads, model.device
+        self.logits, self.qks, self.hooks = logits, qks, {}
+        self.decoder = SimpleNamespace(blocks=[
+            SimpleNamespace(cross_attn=SimpleNamespace(register_forward_hook=partial(self._hook, i)))
+            for i in range(len(qks))])
+
+    def _hook(self, layer, hook):
+        self.hooks[layer] = hook
+        return SimpleNamespace(remove=lambda: self.hooks.pop(layer, None))
+
+    def __call__(self, _audio_features, tokens):
+        if tokens.shape[-1] != self.logits.shape[0]:
+            raise RuntimeError(f"alignment replay: {tokens.shape[-1]} tokens, {self.logits.shape[0]} prepared")
+        for layer, hook in list(self.hooks.items()):
+            hook(None, None, (None, self.qks[layer][None]))
+        return self.logits[None]
 
 
 class ModelRunner:
@@ -97,6 +128,10 @@ class ModelRunner:
         self.rules = TokenRules(self.tokenizer("en", "transcribe"), self.dims.n_vocab,
                                 self.dims.n_audio_ctx, self.device)
         self.batch = self._new_batch()
+        # layer -> its alignment heads (whisper's cross-attention heads that follow the words)
+        self._alignment_heads = {}
+        for layer, head in self.model.alignment_heads.indices().T.tolist():
+            self._alignment_heads.setdefault(layer, []).append(head)
 
     def _new_batch(self) -> DecodeBatch:
         # the tokenizer only turns tokens into text: the BPE is the same for every language
@@ -172,14 +207,39 @@ class ModelRunner:
         return tags
 
     @torch.no_grad()
-    def add_word_timestamps(self, segments: List[dict], features: torch.Tensor, num_frames: int,
-                            tokenizer, last_speech_timestamp: float) -> None:
-        """Word timing of one window's segments, in place (whisper.timing on the window's
-        encoder output)."""
-        add_word_timestamps(
-            segments=segments, model=_Encoded(self.model), tokenizer=tokenizer,
-            mel=features, num_frames=num_frames, last_speech_timestamp=last_speech_timestamp,
-        )
+    def add_word_timestamps(self, windows: Sequence[AlignmentWindow]) -> None:
+        """Word timing of the windows' segments, in place: the decoder runs once per
+        ALIGN_GROUP windows (right-padded token rows; the causal mask keeps each row's
+        maps its own) and whisper.timing times each window's words from its part."""
+        texts = [[t for seg in w.segments for t in seg["tokens"] if t < w.tokenizer.eot] for w in windows]
+        rows = [([*w.tokenizer.sot_sequence, w.tokenizer.no_timestamps, *text, w.tokenizer.eot], w)
+                for w, text in zip(windows, texts) if text]
+        for start in range(0, len(rows), ALIGN_GROUP):
+            group = rows[start: start + ALIGN_GROUP]
+            self._check_size(len(group))
+            width = max(len(tokens) for tokens, _ in group)
+            tokens = torch.tensor([tokens + [w.tokenizer.eot] * (width - len(tokens)) for tokens, w in group],
+                                  device=self.device)
+            features = torch.stack([w.features for _, w in group])
+            qks = [None] * self.dims.n_text_layer
+            hooks = [block.cross_attn.register_forward_hook(
+                lambda _, ins, outs, index=i: qks.__setitem__(index, outs[-1]))
+                for i, block in enumerate(self.model.decoder.blocks)]
+            try:
+                with disable_sdpa():
+                    logits = self.model.decoder(tokens, features)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            for k, (row_tokens, w) in enumerate(group):
+                n = len(row_tokens)
+                replayed = _Replayed(self.model, logits[k, :n], [qk[k, :, :n] for qk in qks])
+                add_word_timestamps(segments=w.segments, model=replayed, tokenizer=w.tokenizer, mel=w.features,
+                                    num_frames=w.num_frames, last_speech_timestamp=w.last_speech_timestamp)
+        for w, text in zip(windows, texts):
+            if not text:  # nothing to align: whisper's rules still give each segment its words list
+                add_word_timestamps(segments=w.segments, model=None, tokenizer=w.tokenizer, mel=w.features,
+                                    num_frames=w.num_frames, last_speech_timestamp=w.last_speech_timestamp)
 
     def warm_kernels(self) -> None:
         """numba (cpu) or triton (cuda) compile the DTW of word timestamps on first use."""

@@ -227,3 +227,40 @@ def test_a_token_step_writes_only_into_its_buffers(model, mels):
     assert {name: t.data_ptr() for name, t in batch.state.items()} == before
     assert [t.data_ptr() for t in batch._buffers()] == caches
     assert (batch.state["next_position"] == position + 3).all()  # the counters moved on the device
+
+
+def test_word_timestamps_of_many_windows_in_one_pass_match_whisper_per_window(model, mels):
+    """The runner times the words of several windows with one decoder pass; each window's
+    words are those of whisper.timing.add_word_timestamps run on that window alone (its own
+    encoder pass from the mel); a window without text gets an empty word list."""
+    import copy
+
+    from whisper.timing import add_word_timestamps
+
+    from runner import AlignmentWindow, ModelRunner
+
+    runner = ModelRunner(model, "cpu", torch.float32)
+    tokenizer = runner.tokenizer("en", "transcribe")
+    features = runner.encode(list(mels))
+    decoded = decode_windows(runner.model, features, [tokenizer.sot_sequence] * len(mels), tokenizer, runner.rules)
+    ours = [[{"seek": 0, "start": 0.0, "end": 30.0, "tokens": d.tokens, "text": d.text}] for d in decoded]
+    ours.append([{"seek": 0, "start": 0.0, "end": 1.0, "tokens": [tokenizer.timestamp_begin], "text": ""}])
+    reference = copy.deepcopy(ours)
+    passes = []
+    hook = runner.model.decoder.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        runner.add_word_timestamps([AlignmentWindow(segs, f, 3000, tokenizer, 0.0)
+                                    for segs, f in zip(ours, list(features) + [features[0]])])
+    finally:
+        hook.remove()
+    assert len(passes) == 1
+    for segs, mel in zip(reference, list(mels) + [mels[0]]):
+        add_word_timestamps(segments=segs, model=model, tokenizer=tokenizer, mel=mel, num_frames=3000,
+                            last_speech_timestamp=0.0)
+    for got, ref in zip(ours, reference):
+        got_words, ref_words = got[0]["words"], ref[0]["words"]
+        assert [w["word"] for w in got_words] == [w["word"] for w in ref_words]
+        for g, r in zip(got_words, ref_words):
+            assert g["start"] == pytest.approx(r["start"], abs=0.021)
+            assert g["end"] == pytest.approx(r["end"], abs=0.021)
+    assert sum(len(segs[0]["words"]) for segs in ours[:-1]) > 20 and ours[-1][0]["words"] == []
