@@ -195,7 +195,7 @@ class Engine:
         # Counters and seconds per phase since start; the handler logs and exports them.
         self.stats = {
             "steps": 0, "encoder_windows": 0, "decoded_windows": 0, "fallback_windows": 0,
-            "oom_splits": 0, "failed_requests": 0, "finished_requests": 0, "audio_s": 0.0,
+            "oom_splits": 0, "word_timing_calls": 0, "word_timed_windows": 0, "failed_requests": 0, "finished_requests": 0, "audio_s": 0.0,
             "committed_audio_s": 0.0,  # audio the streams' seeks have moved past
             "mel_s": 0.0, "encode_s": 0.0, "decode_s": 0.0, "step_s": 0.0,
             # voice activity detection: seconds spent, audio skipped, windows not decoded
@@ -613,6 +613,10 @@ class Engine:
             return [AlignmentWindow(p.segments, features, s.window_size, tokenizer, s.last_speech_timestamp)
                     for s, (p, features, tokenizer) in items]
 
+        if not proposals:
+            return
+        self.stats["word_timing_calls"] += 1
+        self.stats["word_timed_windows"] += len(proposals)
         if len(proposals) > 1:
             try:
                 self.runner.add_word_timestamps(windows(proposals))

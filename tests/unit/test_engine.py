@@ -185,6 +185,17 @@ def test_word_timestamps_are_monotonic_and_inside_segments(engine):
     assert n > 30
 
 
+def test_words_of_windows_ending_in_one_step_are_timed_together(engine):
+    before = dict(engine.stats)
+    jfk = load(JFK)
+    with engine._cond:  # both arrive before the loop looks: they start, and end, in one step
+        futures = [engine.submit(a, TranscriptionOptions(word_timestamps=True)) for a in (jfk, jfk.copy())]
+    out = [f.result() for f in futures]
+    assert engine.stats["word_timed_windows"] - before["word_timed_windows"] == 2
+    assert engine.stats["word_timing_calls"] - before["word_timing_calls"] == 1
+    assert out[0].segments[0].words == out[1].segments[0].words and out[0].segments[0].words
+
+
 # ---------------------------------------------------------------------------- scheduling
 
 
