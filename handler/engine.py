@@ -79,8 +79,12 @@ class EngineConfig:
     # with it, 5.37% without, and no invented word either way (docs/benchmarks.md)
     condition_on_previous_text: bool = True
     # Cut long requests at pauses into streams decoded side by side (None: on cuda only; on
-    # cpu the encoder already fills the cores, and each cut costs an extra window). The
-    # number of pieces depends on the request alone, so its answer does not depend on load.
+    # cpu the encoder already fills the cores, and each cut costs an extra window). A request
+    # gets its share of the configured window budget among the requests in flight when it
+    # arrives (each piece at least min_stream_seconds): one long file alone fills the
+    # device, 64 share it without cutting more pieces than there are places (each cut
+    # costs a partial window). So a long file's seams, and the words right at them, can
+    # differ with the load at its arrival; split_long=False gives answers that never do.
     split_long: Optional[bool] = None
     min_stream_seconds: float = 60.0  # pieces a long request is cut into are at least this long
     # Windows per encoder call. On CPU larger calls are slower per window (the attention
@@ -350,13 +354,14 @@ class Engine:
                     return
                 arrived = list(self._inbox)
                 self._inbox.clear()
+            sharing = len(self._active) + len(arrived)
             for request, future in arrived:
                 self._futures[id(request)] = future
                 try:
                     if request.options.mode == "sequential":
                         self._finish_sequential(request)
                     else:
-                        self._admit(request)
+                        self._admit(request, sharing)
                 except Exception as exc:
                     logger.exception("request %s: admission failed", request.id)
                     self._fail(request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
@@ -370,12 +375,13 @@ class Engine:
                     for request in list(self._active):
                         self._fail(request, InternalError(f"transcription failed: {type(exc).__name__}: {exc}"))
 
-    def _admit(self, r: Request) -> None:
-        """Cut a request into streams and add it to the pool."""
+    def _admit(self, r: Request, sharing: int = 1) -> None:
+        """Cut a request into streams (its share of the window budget among `sharing`
+        requests in flight) and add it to the pool."""
         c = self.config
         cuts = []
         if c.split_long and r.duration >= 2 * c.min_stream_seconds:
-            n_pieces = min(int(r.duration // c.min_stream_seconds), c.window_budget)
+            n_pieces = min(int(r.duration // c.min_stream_seconds), max(1, c.window_budget // sharing))
             cuts = split_points(r.audio, n_pieces)
         o = r.options
         conditioned = o.condition_on_previous_text

@@ -319,9 +319,8 @@ def test_out_of_memory_for_one_window_alone_is_507(model):
 
 
 def test_cuts_of_a_long_request_do_not_depend_on_the_current_window_budget(model, two_utterances):
-    # EngineConfig promises that the pieces a long request is cut into depend on the request
-    # alone; engine._admit takes min(duration // min_stream_seconds, self.window_budget),
-    # and an out-of-memory error lowers self.window_budget for good
+    # a request's pieces come from the configured budget (its share of it), not from the
+    # current one, which an out-of-memory error lowers for good
     audio, before, _, windows = two_utterances
     with closing(model, split_long=True, min_stream_seconds=12) as e:
         e.window_budget = 1  # what an out-of-memory error on two windows leaves
@@ -329,6 +328,18 @@ def test_cuts_of_a_long_request_do_not_depend_on_the_current_window_budget(model
         assert e.stats["encoder_windows"] == windows  # cut into the same two pieces
     assert after.text == before.text
     assert [(s.start, s.end) for s in after.segments] == [(s.start, s.end) for s in before.segments]
+
+
+def test_long_requests_arriving_together_share_the_budget_in_pieces(model, two_utterances):
+    audio, alone, _, _ = two_utterances  # alone: two pieces
+    steps = Steps()
+    with closing(model, split_long=True, min_stream_seconds=12, window_budget=2) as e:
+        e.on_step = steps
+        with e._cond:  # both arrive before the loop looks
+            futures = [e.submit(audio, OPTIONS), e.submit(audio.copy(), OPTIONS)]
+        texts = [f.result().text for f in futures]
+    assert steps.reports[0].streams == 2  # one piece each: the two places of the budget
+    assert texts[0] == texts[1] and words(texts[0]) == words(alone.text)
 
 
 def test_sampling_does_not_depend_on_the_neighbours(model):

@@ -159,6 +159,25 @@ def test_split_points_fall_in_pauses():
     assert all(a[1] == b[0] for a, b in zip(clips, clips[1:]))
 
 
+def test_split_points_read_only_around_the_targets_and_cut_as_a_whole_file_scan():
+    """Cuts from the energy near each target equal those of the whole file's energy (the
+    moving average reads a margin past the search span); a cut near an end is unchanged."""
+    from windows import frame_energy
+
+    rng = np.random.default_rng(2)
+    audio = (rng.standard_normal(16000 * 100) * np.repeat(rng.uniform(0, 1, 500), 3200)).astype(np.float32)
+    for n_pieces, search in ((7, 5.0), (3, 20.0), (40, 5.0)):
+        energy = frame_energy(audio)
+        smoothed = np.convolve(energy, np.ones(15) / 15, mode="same")  # 0.3 s of 0.02 s frames
+        expected = []
+        for k in range(1, n_pieces):
+            lo, hi = max(0, int((100 * k / n_pieces - search) / 0.02)), min(len(energy), int((100 * k / n_pieces + search) / 0.02))
+            frame = round((lo + int(np.argmin(smoothed[lo:hi]))) * 2)
+            if not expected or frame > expected[-1] + 100:
+                expected.append(frame)
+        assert split_points(audio, n_pieces, search_seconds=search) == expected
+
+
 
 def words_of(start, end, n=3, probability=0.9):
     step = (end - start) / n
