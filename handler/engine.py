@@ -45,7 +45,7 @@ from formats import Segment, Transcript, Word
 from oom import is_out_of_memory
 from options import TranscriptionOptions
 from cpu import bf16_unit
-from runner import AlignmentWindow, ModelRunner, gpu_window_budget
+from runner import MAX_ENCODER_BATCH, AlignmentWindow, ModelRunner, gpu_window_budget
 from stream import Request, Stream, speech_runs, spans_in_frames, stream_clips, to_segment
 from vad import SileroVad
 from windows import FRAMES_PER_SECOND, Thresholds, split_points
@@ -60,6 +60,9 @@ BUDGET_RETRY_STEPS = 1000  # steps without an out-of-memory error before a lower
 class EngineConfig:
     device: str = "cpu"
     fp16: Optional[bool] = None  # None: fp16 on cuda, fp32 on cpu
+    # tests: cuda's layout (fp16 weights, activations and LayerNorms) on the cpu, to check
+    # it against fp32 where there is no GPU
+    cpu_fp16_layout: bool = False
     # bf16 weights and activations on cpu; None: on where the cpu multiplies bf16 natively
     # (AMX or AVX-512 bf16: encoder 1.75-3x and 16-row decode steps 2x faster there; WER
     # within the accuracy bar with tiny.en and base), fp32 elsewhere (bf16 is 4x slower on AVX2)
@@ -89,7 +92,7 @@ class EngineConfig:
     min_stream_seconds: float = 60.0  # pieces a long request is cut into are at least this long
     # Windows per encoder call. On CPU larger calls are slower per window (the attention
     # maps leave the cache: 112 ms/window alone, 108 in pairs, 164 in sixteens for base bf16
-    # on 2 cores), so the step's windows are encoded in pairs; on GPU all at once.
+    # on 2 cores), so the step's windows are encoded in pairs; on GPU up to MAX_ENCODER_BATCH at once.
     encoder_batch: Optional[int] = None
     # Decoder tokens per step: between steps finished windows leave the decode batch and
     # new ones join, so this bounds how long a new request waits to start (None: by device).
@@ -119,25 +122,28 @@ class EngineConfig:
         if budget is None:
             budget = 16
             if cuda and dims is not None:
-                budget = gpu_window_budget(torch.device(self.device), dims)
+                budget = gpu_window_budget(torch.device(self.device), dims, self.max_inflight_audio_s)
         if budget < 1:
             raise ValueError(f"window_budget must be at least 1, not {budget}")
-        cpu_bf16 = (bf16_unit() is not None if self.cpu_bf16 is None else self.cpu_bf16) and not cuda
+        cpu_bf16 = (bf16_unit() is not None if self.cpu_bf16 is None else self.cpu_bf16) and not (
+            cuda or self.cpu_fp16_layout)
         return replace(
             self,
             fp16=cuda if self.fp16 is None else (self.fp16 and cuda),
             window_budget=budget,
             split_long=cuda if self.split_long is None else self.split_long,
             tokens_per_step=(16 if cuda else 8) if self.tokens_per_step is None else self.tokens_per_step,
-            encoder_batch=(budget if cuda else 2) if self.encoder_batch is None else self.encoder_batch,
+            encoder_batch=(min(budget, MAX_ENCODER_BATCH) if cuda else 2) if self.encoder_batch is None
+            else self.encoder_batch,
             new_windows_per_step=self.new_windows_per_step or (budget if cuda else 2),
             cpu_bf16=cpu_bf16,
-            cpu_encoder="torch" if cuda else self.cpu_encoder or ("torch" if cpu_bf16 else "onnxruntime"),
+            cpu_encoder="torch" if cuda or self.cpu_fp16_layout
+            else self.cpu_encoder or ("torch" if cpu_bf16 else "onnxruntime"),
         )
 
     @property
     def dtype(self) -> torch.dtype:
-        if self.fp16:
+        if self.fp16 or self.cpu_fp16_layout:
             return torch.float16
         return torch.bfloat16 if self.cpu_bf16 else torch.float32
 
@@ -189,8 +195,9 @@ class Engine:
         self.runner = ModelRunner(model, c.device, c.dtype, encoder_batch=c.encoder_batch,
                                   max_new_tokens=c.max_new_tokens, oom_above_windows=c.oom_above_windows,
                                   timing_syncs=c.timing_syncs, encoder_backend=c.cpu_encoder)
-        # mode="sequential" is the seed's behaviour: the model as loaded, not a reduced copy
-        self.sequential_model = model if c.cpu_bf16 else self.runner.model
+        # mode="sequential" is the seed's behaviour: the model as loaded, not a reduced cpu
+        # copy (on cuda the runner lays out the loaded model itself in fp16)
+        self.sequential_model = model
         self.thresholds = Thresholds(c.compression_ratio_threshold, c.logprob_threshold,
                                      c.no_speech_threshold, c.max_repeats)
         self.window_budget = c.window_budget  # lowered after an out-of-memory step

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+from whisper.audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
 from whisper.model import disable_sdpa
 from whisper.timing import add_word_timestamps, dtw
 from whisper.tokenizer import LANGUAGES, get_tokenizer
@@ -29,22 +29,33 @@ from oom import InjectedOutOfMemory
 ENCODER_BACKENDS = ("torch", "onnxruntime")  # onnxruntime: cpu, fp32 (onnx_encoder.py)
 
 
-def gpu_window_budget(device: torch.device, dims, fraction: float = 0.5) -> int:
-    """Windows per pass that fit in `fraction` of the GPU memory still free: per window
-    the fp16 cross-attention keys/values of every decoder layer, the self-attention
-    cache, and the encoder's widest activations (the MLP, 4x the width)."""
+MAX_GPU_WINDOW_BUDGET = 1024  # windows per step on a GPU with the memory for them
+MAX_ENCODER_BATCH = 256  # windows per encoder call (its activations grow with the call)
+
+
+def gpu_window_budget(device: torch.device, dims, mel_seconds: float = 0.0, fraction: float = 0.5) -> int:
+    """Windows per step that fit in `fraction` of the GPU memory still free, after the
+    fp32 log-mels of `mel_seconds` of admitted audio (whole requests stay on the device):
+    per window the fp16 cross-attention keys/values of every decoder layer, the fixed
+    self-attention cache, the encoder output kept for a retry, the encoder's widest
+    activations (the MLP, 4x the width) and a step's fp32 logits and their copies."""
     free, _ = torch.cuda.mem_get_info(device)
+    mels = mel_seconds * FRAMES_PER_SECOND * dims.n_mels * 4
     cross = 2 * dims.n_text_layer * dims.n_audio_ctx * dims.n_text_state * 2
     self_cache = 2 * dims.n_text_layer * dims.n_text_ctx * dims.n_text_state * 2
+    features = dims.n_audio_ctx * dims.n_audio_state * 2
     encoder = 3 * dims.n_audio_ctx * 4 * dims.n_audio_state * 2
     logits = 4 * dims.n_vocab * 4
-    per_window = cross + self_cache + encoder + logits
-    return int(max(1, min(256, fraction * free // per_window)))
+    per_window = cross + self_cache + features + encoder + logits
+    return int(max(1, min(MAX_GPU_WINDOW_BUDGET, (fraction * free - mels) // per_window)))
 
 
-def prepare_model(model, device: str, dtype: torch.dtype):
-    """The model on `device` in `dtype` with fp32 LayerNorms (so no weight is cast per
-    call); a reduced-precision cpu model is a copy, so the loaded one stays fp32."""
+def prepare_model(model, device: str, dtype: torch.dtype, low_precision_layernorm: bool = False):
+    """The model on `device` in `dtype`; a reduced-precision cpu model is a copy, so the
+    loaded one stays fp32. Its LayerNorms keep fp32 weights (so no weight is cast per call)
+    and whisper's cast of their input to fp32 and back, unless `low_precision_layernorm`:
+    then they run in `dtype` directly (torch's kernel still sums in fp32), without the two
+    copies per LayerNorm and step."""
     model = model.to(device).eval()
     if dtype != torch.float32:
         if not str(device).startswith("cuda"):
@@ -52,7 +63,10 @@ def prepare_model(model, device: str, dtype: torch.dtype):
         model.to(dtype)
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):
-                module.float()
+                if low_precision_layernorm:
+                    module.forward = partial(torch.nn.LayerNorm.forward, module)
+                else:
+                    module.float()
     return model
 
 
@@ -102,10 +116,13 @@ class ModelRunner:
 
     def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  encoder_batch: int = 2, max_new_tokens: int = 224, oom_above_windows: int = 0,
-                 timing_syncs: bool = False, encoder_backend: str = "torch"):
+                 timing_syncs: bool = False, encoder_backend: str = "torch",
+                 low_precision_layernorm: Optional[bool] = None):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = prepare_model(model, device, dtype)
+        if low_precision_layernorm is None:  # fp16: as exact (tests/unit/test_decoding.py)
+            low_precision_layernorm = dtype == torch.float16
+        self.model = prepare_model(model, device, dtype, low_precision_layernorm)
         if encoder_backend not in ENCODER_BACKENDS:
             raise ValueError(f"encoder backend must be one of {ENCODER_BACKENDS}, not {encoder_backend!r}")
         if encoder_backend == "onnxruntime" and self.device.type != "cpu":
@@ -159,8 +176,10 @@ class ModelRunner:
     def mel(self, audio: np.ndarray) -> torch.Tensor:
         """(n_mels, frames + N_FRAMES): like transcribe, the log-mel of the whole audio plus
         30 s of zeros, sliced at each window's seek."""
-        return log_mel_spectrogram(torch.from_numpy(audio).to(self.device), self.dims.n_mels,
-                                   padding=N_SAMPLES)
+        samples = torch.from_numpy(audio)
+        if self.device.type == "cuda":  # from page-locked memory: the copy does not stage through another
+            samples = samples.pin_memory().to(self.device, non_blocking=True)
+        return log_mel_spectrogram(samples.to(self.device), self.dims.n_mels, padding=N_SAMPLES)
 
     @torch.no_grad()
     def encode(self, mels: Sequence[torch.Tensor]) -> torch.Tensor:

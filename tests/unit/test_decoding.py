@@ -150,14 +150,18 @@ def test_the_sync_counter_sees_a_sync():
     assert counter.calls == ["item", "tolist", "__bool__"]
 
 
-def test_the_gpu_layout_decodes_as_fp32_on_cpu(model, mels):
-    """fp16 weights with fp32 LayerNorms, as the runner lays the model out on a GPU, run
-    here on the CPU: the same tokens as fp32 on real windows."""
+@pytest.mark.parametrize("layernorm", ["fp32", "fp16"])
+def test_the_gpu_layout_decodes_as_fp32_on_cpu(model, mels, layernorm):
+    """fp16 weights with fp32 LayerNorms, or fp16 throughout as the runner lays the model
+    out on a GPU, run here on the CPU: the same tokens as fp32 on real windows."""
     from runner import ModelRunner
 
     def tokens(dtype):
-        runner = ModelRunner(model, "cpu", dtype)
+        low = layernorm == "fp16" and dtype == torch.float16
+        runner = ModelRunner(model, "cpu", dtype, low_precision_layernorm=low)
         assert {p.dtype for n, p in runner.model.named_parameters() if "ln" not in n} == {dtype}
+        assert {p.dtype for n, p in runner.model.named_parameters() if "ln" in n} == {
+            dtype if low else torch.float32}
         features = runner.encode(list(mels))
         sot = list(runner.tokenizer("en", "transcribe").sot_sequence)
         runner.start(features, [sot] * len(mels), [0.0] * len(mels), [0] * len(mels), range(len(mels)))

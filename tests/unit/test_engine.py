@@ -330,6 +330,18 @@ def test_cuts_of_a_long_request_do_not_depend_on_the_current_window_budget(model
     assert [(s.start, s.end) for s in after.segments] == [(s.start, s.end) for s in before.segments]
 
 
+def test_the_cuda_layout_on_cpu_transcribes_a_long_file_as_fp32(engine, model):
+    """fp16 weights, activations and LayerNorms (the engine's cuda layout, here behind
+    cpu_fp16_layout): the long file's segments are fp32's, token for token."""
+    audio = load(LONG)
+    fp32 = engine.transcribe([(audio, OPTIONS)])[0]
+    with closing(model, cpu_fp16_layout=True) as e:
+        assert {p.dtype for p in e.runner.model.parameters()} == {torch.float16}
+        half = e.transcribe([(audio, OPTIONS)])[0]
+    assert [s.tokens for s in half.segments] == [s.tokens for s in fp32.segments]
+    assert len(fp32.segments) > 10
+
+
 def test_long_requests_arriving_together_share_the_budget_in_pieces(model, two_utterances):
     audio, alone, _, _ = two_utterances  # alone: two pieces
     steps = Steps()
