@@ -547,13 +547,14 @@ def decode_windows(
     max_new_tokens: Optional[int] = None,
     generators: Optional[Sequence[Optional[torch.Generator]]] = None,
     tokens_per_step: int = 16,
+    cuda_graphs: Optional[bool] = None,
 ) -> List[DecodedWindow]:
     """Decode each row of `audio_features` (n_rows, n_audio_ctx, n_state) after its own
     `initial_tokens` to its end, all rows in one DecodeBatch; results in row order."""
     n_rows = audio_features.shape[0]
     if isinstance(temperatures, (int, float)):
         temperatures = [float(temperatures)] * n_rows
-    batch = DecodeBatch(model, tokenizer, rules, max_new_tokens)
+    batch = DecodeBatch(model, tokenizer, rules, max_new_tokens, cuda_graphs=cuda_graphs)
     batch.add(audio_features, initial_tokens, temperatures, generators or [None] * n_rows, range(n_rows))
     results: List[Optional[DecodedWindow]] = [None] * n_rows
     while len(batch):

@@ -205,7 +205,7 @@ class Engine:
         self.on_step = on_step
         # Counters and seconds per phase since start; the handler logs and exports them.
         self.stats = {
-            "steps": 0, "encoder_windows": 0, "decoded_windows": 0, "fallback_windows": 0,
+            "steps": 0, "encoder_windows": 0, "decoded_windows": 0, "decoded_tokens": 0, "fallback_windows": 0,
             "oom_splits": 0, "word_timing_calls": 0, "word_timed_windows": 0, "failed_requests": 0, "finished_requests": 0, "audio_s": 0.0,
             "committed_audio_s": 0.0,  # audio the streams' seeks have moved past
             "mel_s": 0.0, "encode_s": 0.0, "decode_s": 0.0, "step_s": 0.0,
@@ -556,6 +556,7 @@ class Engine:
             return []
         self.stats["decode_s"] += self.runner.clock() - started
         self.stats["decoded_windows"] += len(ended)
+        self.stats["decoded_tokens"] += sum(len(result.tokens) for _, result in ended)
         for s, _ in ended:
             self._decoding.discard(id(s))
             self._suspects.discard(id(s))

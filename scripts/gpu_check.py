@@ -13,16 +13,18 @@ and `run` (scripts/gpu_check.sh installs the wheels first) prints one table:
 
   correctness  tiny.en (the unpacked weights) on the GPU in fp16 against the same weights
                on the CPU in fp32: the decode batch against whisper.decode token for token
-               on the device, the engine's text per file and WER on both devices
+               on the device, CUDA-graph steps against eager ones, fp16 against fp32
+               LayerNorms, the engine's text per file and WER on both devices
   host syncs   torch.cuda's sync debug mode over a 16-token decode chunk with sampled rows
                (the one read of the rows' state at the chunk's end excluded): must be 0
-  kernels      base's real shapes with random fp16 weights (so no weights travel): encoder
-               seconds per window at 16/64/256 windows per call, decode milliseconds per
-               token at 16/64/256 rows, and beside them Hugging Face transformers'
-               WhisperForConditionalGeneration, same shapes: encoder, and greedy generate
-               forced to 100 new tokens
-  end to end   the engine with tiny.en on 64 streams of 10+ minutes (the English files
-               concatenated twice), and on one: RTFx
+  benchmark    base's and large-v3-turbo's shapes with random fp16 weights (no weights
+               travel; every window decodes 100 tokens and moves 30 s, the work of a
+               window of speech): the engine on 1, 16, 64 and 256 streams of 10+ minutes,
+               and beside each Hugging Face transformers' WhisperForConditionalGeneration
+               .generate on as many windows at once, 100 new tokens: RTFx, windows/s, ms
+               per decode step, GPU memory peak
+  end to end   the engine with tiny.en's real weights on 64 streams of 10+ minutes (the
+               English files concatenated), and on one: RTFx
 
   gpu_check.py pack                                      # here, with the weights and audio
   bash scripts/gpu_check.sh                              # there (device tool, carry .gpu)
@@ -199,9 +201,11 @@ def check_correctness(checkpoint: Path, files, device, rows: dict) -> None:
     from decoding import TokenRules, decode_windows
     from engine import Engine, EngineConfig
     from options import TranscriptionOptions
+    from runner import ModelRunner
     from scoring import score
 
-    model = load_whisper(str(checkpoint), device)
+    model = ModelRunner(load_whisper(str(checkpoint), device), str(device),
+                        torch.float16 if device.type == "cuda" else torch.float32).model  # the engine's layout
     tokenizer = whisper.tokenizer.get_tokenizer(False, language="en", task="transcribe")
     mels = torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(a)), 80)
                         for _, _, a in files[:8]]).to(device)
@@ -214,6 +218,16 @@ def check_correctness(checkpoint: Path, files, device, rows: dict) -> None:
     ours = decode_windows(model, features, [tokenizer.sot_sequence] * len(mels), tokenizer, rules)
     same = sum(r.tokens == o.tokens for r, o in zip(reference, ours))
     rows["decode batch = whisper.decode, token for token (8 windows)"] = f"{same}/{len(mels)}"
+    if device.type == "cuda":
+        eager = decode_windows(model, features, [tokenizer.sot_sequence] * len(mels), tokenizer, rules,
+                               cuda_graphs=False)
+        same = sum(e.tokens == o.tokens for e, o in zip(eager, ours))
+        rows["CUDA-graph steps = eager steps, token for token (8 windows)"] = f"{same}/{len(mels)}"
+        fp32_ln = ModelRunner(load_whisper(str(checkpoint), device), str(device), torch.float16,
+                              low_precision_layernorm=False)
+        fp32_ln_out = decode_windows(fp32_ln.model, features, [tokenizer.sot_sequence] * len(mels), tokenizer, rules)
+        same = sum(a.tokens == o.tokens for a, o in zip(fp32_ln_out, ours))
+        rows["fp16 LayerNorms = fp32 LayerNorms, token for token (8 windows)"] = f"{same}/{len(mels)}"
 
     texts = {}
     for where in ([device] if device.type == "cpu" else [device, torch.device("cpu")]):
@@ -276,83 +290,130 @@ def check_syncs(checkpoint: Path, files, device, rows: dict) -> None:
         rows["torch.cuda sync debug mode 'error' over the chunk"] = caught[0] if caught else "no sync"
 
 
-def check_kernels(device, rows: dict, sizes) -> None:
-    """base's shapes, random fp16 (cuda) / fp32 (cpu) weights: ours beside transformers'."""
-    import torch
-    from whisper.model import ModelDimensions, Whisper
-
-    from runner import ModelRunner
-
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6,
-                           n_vocab=51865, n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    model = Whisper(dims)
-    runner = ModelRunner(model, str(device), dtype, encoder_batch=max(sizes))
-    encoder_s, token_s = {}, {}  # per window; per token of n rows
-    for n in sizes:
-        mels = [torch.randn(80, 3000, device=device) for _ in range(n)]
-        encoder_s[n] = timed(lambda: runner.encode(mels), device) / n
-        rows[f"ours: encoder, {n} windows per call (ms/window)"] = f"{1000 * encoder_s[n]:.2f}"
-    features = runner.encode([torch.randn(80, 3000, device=device)])
-    sot = [50258, 50259, 50359]
-    for n in sizes:
-        def chunk():
-            runner.reset()
-            runner.start(features.expand(n, -1, -1), [sot] * n, [0.0] * n, [0] * n, list(range(n)))
-            runner.batch.horizon = 16
-            runner.step(16)
-        token_s[n] = timed(chunk, device) / 16
-        rows[f"ours: decode {n} rows, prefill + 16 tokens (ms/token)"] = f"{1000 * token_s[n]:.2f}"
-    runner.reset()
-    for n in sizes:  # a window of speech decodes about 100 tokens and moves the seek ~28 s
-        per_window = encoder_s[n] + 100 * token_s[n] / n
-        rows[f"ours: {n} rows, windows/s (encoder + 100 tokens), ~RTFx at 28 s/window"] = \
-            f"{1 / per_window:.1f}, {28 / per_window:.0f}x"
-
-    try:
-        from transformers import WhisperConfig, WhisperForConditionalGeneration
-        from transformers.generation import GenerationMixin
-    except ImportError as e:
-        rows["transformers"] = f"not importable: {e}"
-        return
-    config = WhisperConfig(vocab_size=dims.n_vocab, num_mel_bins=80, encoder_layers=6, decoder_layers=6,
-                           encoder_attention_heads=8, decoder_attention_heads=8, d_model=512,
-                           encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_source_positions=1500,
-                           max_target_positions=448)
-    hf = WhisperForConditionalGeneration(config).to(device, dtype).eval()
-    for n in sizes:
-        features_in = torch.randn(n, 80, 3000, device=device, dtype=dtype)
-        with torch.no_grad():
-            seconds = timed(lambda: hf.model.encoder(features_in), device)
-        rows[f"transformers: encoder, {n} windows per call (ms/window)"] = f"{1000 * seconds / n:.2f}"
-        try:
-            ids = torch.tensor([sot] * n, device=device)
-            with torch.no_grad():
-                seconds = timed(lambda: GenerationMixin.generate(
-                    hf, input_features=features_in, decoder_input_ids=ids, max_new_tokens=100,
-                    decoder_attention_mask=torch.ones_like(ids),
-                    min_new_tokens=100, do_sample=False), device, repeat=1)
-            rows[f"transformers: generate {n} rows, encoder + 100 tokens (ms/token)"] = f"{1000 * seconds / 100:.2f}"
-            rows[f"transformers: {n} rows, windows/s (encoder + 100 tokens), ~RTFx at 28 s/window"] = \
-                f"{n / seconds:.1f}, {28 * n / seconds:.0f}x"
-        except Exception as e:  # a report row, not a failed run
-            rows[f"transformers: generate {n} rows"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+DIMS = {  # openai-whisper's ModelDimensions of the benchmarked shapes
+    "base": dict(n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6,
+                 n_vocab=51865, n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6),
+    "turbo": dict(n_mels=128, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
+                  n_vocab=51866, n_text_ctx=448, n_text_state=1280, n_text_head=20, n_text_layer=4),
+}
+TOKENS_PER_WINDOW = 100  # a 30 s window of speech decodes about this many tokens
 
 
-def check_end_to_end(checkpoint: Path, files, device, rows: dict, streams: int, seconds: float) -> None:
+def long_stream(files, seconds: float):
+    """The files concatenated (repeated) to at least `seconds` of audio."""
     import numpy as np
-
-    from checkpoint import load_whisper
-    from engine import Engine, EngineConfig
-    from options import TranscriptionOptions
 
     pieces, length = [], 0
     while length < seconds * 16000:
         for _, _, a in files:
             pieces.append(a)
             length += len(a)
-    long = np.concatenate(pieces)
+    return np.concatenate(pieces)
+
+
+def bench_engine(model, device, streams, audio, rows: dict, label: str) -> None:
+    """The engine on `streams` copies of `audio` at once, at temperature 0 only (no
+    fallbacks) and at most TOKENS_PER_WINDOW tokens per window. Random weights decide
+    where a window ends and how far its timestamps move the seek, so the row gives the
+    tokens decoded per window beside the rates."""
+    import torch
+
+    from engine import Engine, EngineConfig
+    from options import TranscriptionOptions
+
+    engine = Engine(model, EngineConfig(device=str(device), max_new_tokens=TOKENS_PER_WINDOW, cpu_bf16=False))
+    options = TranscriptionOptions(language="en", temperature=(0.0,), condition_on_previous_text=False)
+    engine.transcribe([(audio[: 16000 * 60], options)])  # warm-up: kernels, first graphs
+    for n in streams:
+        before = dict(engine.stats)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        engine.transcribe([(audio, options)] * n)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+        stats = {k: engine.stats[k] - before[k]
+                 for k in ("encoder_windows", "decoded_windows", "decoded_tokens", "decode_s", "steps")}
+        memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        step_ms = 1000 * stats["decode_s"] / max(1, stats["steps"] * engine.config.tokens_per_step)
+        rows[f"{label} ours, {n} streams of {len(audio) / 16000:.0f} s"] = (
+            f"{n * len(audio) / 16000 / elapsed:.0f}x | {stats['encoder_windows'] / elapsed:.1f} | "
+            f"{step_ms:.2f} | {memory:.1f} | {stats['decoded_tokens'] / max(1, stats['decoded_windows']):.0f}")
+    graphs = len(engine.runner.batch.graphs)
+    rows[f"{label} ours: window budget, CUDA graphs held"] = f"{engine.window_budget}, {graphs}"
+    engine.close()
+
+
+def bench_transformers(name: str, device, streams, rows: dict, label: str) -> None:
+    """Hugging Face transformers' WhisperForConditionalGeneration with the same shape and
+    random weights: generate on `n` windows at once, TOKENS_PER_WINDOW new tokens each."""
+    import torch
+
+    try:
+        from transformers import WhisperConfig, WhisperForConditionalGeneration
+        from transformers.generation import GenerationMixin
+    except ImportError as e:
+        rows[f"{label} transformers"] = f"not importable: {e}"
+        return
+    d = DIMS[name]
+    config = WhisperConfig(vocab_size=d["n_vocab"], num_mel_bins=d["n_mels"], encoder_layers=d["n_audio_layer"],
+                           decoder_layers=d["n_text_layer"], encoder_attention_heads=d["n_audio_head"],
+                           decoder_attention_heads=d["n_text_head"], d_model=d["n_audio_state"],
+                           encoder_ffn_dim=4 * d["n_audio_state"], decoder_ffn_dim=4 * d["n_text_state"],
+                           max_source_positions=d["n_audio_ctx"], max_target_positions=d["n_text_ctx"])
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    hf = WhisperForConditionalGeneration(config).to(device, dtype).eval()
+    sot = [50258, 50259, 50359]
+    for n in streams:
+        features = torch.randn(n, d["n_mels"], 3000, device=device, dtype=dtype)
+        ids = torch.tensor([sot] * n, device=device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            with torch.no_grad():
+                seconds = timed(lambda: GenerationMixin.generate(
+                    hf, input_features=features, decoder_input_ids=ids, decoder_attention_mask=torch.ones_like(ids),
+                    max_new_tokens=TOKENS_PER_WINDOW, min_new_tokens=TOKENS_PER_WINDOW, do_sample=False),
+                    device, repeat=1)
+        except Exception as e:  # a report row, not a failed run
+            rows[f"{label} transformers, batch {n}"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+            continue
+        memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        rows[f"{label} transformers generate, batch {n}"] = (
+            f"{30 * n / seconds:.0f}x | {n / seconds:.1f} | {1000 * seconds / TOKENS_PER_WINDOW:.2f} | {memory:.1f} | "
+            f"{TOKENS_PER_WINDOW}")
+    del hf
+
+
+def check_benchmark(files, device, rows: dict, names, streams, seconds: float) -> None:
+    """Per shape (random weights): the engine on 1..256 long streams beside transformers'
+    batched generate at the same batch; rows: RTFx | windows/s | ms per decode step | GPU GiB."""
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+
+    audio = long_stream(files, seconds)
+    rows["benchmark columns"] = ("RTFx (transformers: 30 s per window) | windows/s | ms per decode step "
+                                 "(all rows; transformers: per token incl. encoder) | GPU memory peak GiB | tokens/window")
+    for name in names:
+        torch.manual_seed(0)
+        model = Whisper(ModelDimensions(**DIMS[name]))
+        bench_engine(model, device, streams, audio, rows, name)
+        del model
+        bench_transformers(name, device, streams, rows, name)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def check_end_to_end(checkpoint: Path, files, device, rows: dict, streams: int, seconds: float) -> None:
+    """tiny.en's real weights on long streams of speech: RTFx with real windows (fallbacks,
+    timestamps, VAD), one stream and many."""
+    from checkpoint import load_whisper
+    from engine import Engine, EngineConfig
+    from options import TranscriptionOptions
+
+    long = long_stream(files, seconds)
     engine = Engine(load_whisper(str(checkpoint), device), EngineConfig(device=str(device), cpu_bf16=False))
     engine.warmup()
     for n in (1, streams):
@@ -376,13 +437,14 @@ def run(args) -> int:
     files = load_audio(args.dir / "audio.npz")
     if args.quick:
         files = files[:4]
-    sizes = (2, 4) if args.quick else (16, 64, 256)
+    streams = (1, 2) if args.quick else (1, 16, 64, 256)
+    names = ("base",) if args.quick else ("base", "turbo")
+    seconds = 60 if args.quick else LONG_STREAM_S
     steps = [
         ("correctness", lambda: check_correctness(checkpoint, files, device, rows)),
         ("host syncs", lambda: check_syncs(checkpoint, files, device, rows)),
-        ("kernels", lambda: check_kernels(device, rows, sizes)),
-        ("end to end", lambda: check_end_to_end(checkpoint, files, device, rows, 2 if args.quick else 64,
-                                                30 if args.quick else LONG_STREAM_S)),
+        ("benchmark", lambda: check_benchmark(files, device, rows, names, streams, seconds)),
+        ("end to end", lambda: check_end_to_end(checkpoint, files, device, rows, 2 if args.quick else 64, seconds)),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = unpack_weights(args.dir / "weights.pt", Path(tmp) / "tiny.en.pth")
@@ -416,7 +478,7 @@ def main(argv=None) -> int:
     r.add_argument("--dir", type=Path, default=REPO / ".gpu")
     r.add_argument("--device", default="cuda")
     r.add_argument("--quick", action="store_true", help="4 files, small sizes, 2 short streams (a CPU try)")
-    r.add_argument("--only", nargs="*", choices=["correctness", "host syncs", "kernels", "end to end"])
+    r.add_argument("--only", nargs="*", choices=["correctness", "host syncs", "benchmark", "end to end"])
     r.add_argument("--out", help="also write gpu_check.json here (on the device: $OUT)")
     args = parser.parse_args(argv)
     return pack(args) if args.command == "pack" else run(args)
