@@ -5,6 +5,8 @@ scripts/download_model.py (or OpenAI's own .pt files). On CUDA the weights stay 
 shipped, except LayerNorm's, which stay fp32: whisper's LayerNorm runs in fp32 on an fp32
 copy of its input, while its Linear and Conv1d cast their weights to the input's dtype on
 every call; fp16 weights make that cast a no-op instead of a copy per call. On CPU, fp32.
+The engine's runner then lays the model out for itself (runner.prepare_model: on CUDA
+its LayerNorms run in fp16 as well).
 """
 
 from typing import Optional, Union
