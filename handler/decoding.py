@@ -311,6 +311,7 @@ class DecodeBatch:
         self.slots += [None] * (capacity - old)
         self.graphs.clear()  # they were captured over the old buffers
         self._eager_runs.clear()
+        self._pool = None
 
     def _buffers(self) -> List[Tensor]:
         return list(self.state.values()) + self.self_k + self.self_v + self.cross_k + self.cross_v
@@ -377,8 +378,7 @@ class DecodeBatch:
         # into the lowest free slots, growing the buffers first if they are full
         free = [k for k, row in enumerate(self.slots) if row is None]
         if len(free) < n_rows:
-            capacity = self._bucket(len(self.slots) + n_rows - len(free))
-            self._grow(max(capacity, 2 * len(self.slots)) if self.row_buckets else capacity)
+            self._grow(self._bucket(len(self.slots) + n_rows - len(free)))
             free = [k for k, row in enumerate(self.slots) if row is None]
         slots = free[:n_rows]
         index = torch.tensor(slots, device=device)
