@@ -433,12 +433,13 @@ class DecodeBatch:
         state = {name: t[:rows] for name, t in self.state.items()}
         position = state["next_position"]
         state["key_mask"].scatter_(1, position[:, None], True)
-        column = position[:, None, None].expand(rows, 1, self.self_k[0].shape[-1])
+        at = (torch.arange(rows, device=position.device), position)  # each row's own column
 
         def store(i, k, v):
+            # index_put_ writes rows x state values; scatter_ copied the whole cache in bf16
             keys, values = self.self_k[i][:rows], self.self_v[i][:rows]
-            keys.scatter_(1, column, k)
-            values.scatter_(1, column, v)
+            keys.index_put_(at, k[:, 0])
+            values.index_put_(at, v[:, 0])
             return keys[:, :span], values[:, :span]
 
         hidden = _decoder_forward(
