@@ -71,6 +71,7 @@ class EngineConfig:
     # fp32 (1.76x faster than torch's fp32 encoder), torch in bf16 (as fast or faster)
     cpu_encoder: Optional[str] = None
     window_budget: Optional[int] = None  # max windows per step; None: by device
+    cuda_graphs: bool = True  # cuda: the decode step replayed as CUDA graphs (decoding.py)
     max_new_tokens: int = 224
     compression_ratio_threshold: Optional[float] = 2.4
     logprob_threshold: Optional[float] = -1.0
@@ -194,7 +195,8 @@ class Engine:
         c = self.config
         self.runner = ModelRunner(model, c.device, c.dtype, encoder_batch=c.encoder_batch,
                                   max_new_tokens=c.max_new_tokens, oom_above_windows=c.oom_above_windows,
-                                  timing_syncs=c.timing_syncs, encoder_backend=c.cpu_encoder)
+                                  timing_syncs=c.timing_syncs, encoder_backend=c.cpu_encoder,
+                                  cuda_graphs=c.cuda_graphs)
         # mode="sequential" is the seed's behaviour: the model as loaded, not a reduced cpu
         # copy (on cuda the runner lays out the loaded model itself in fp16)
         self.sequential_model = model

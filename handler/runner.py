@@ -117,9 +117,10 @@ class ModelRunner:
     def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  encoder_batch: int = 2, max_new_tokens: int = 224, oom_above_windows: int = 0,
                  timing_syncs: bool = False, encoder_backend: str = "torch",
-                 low_precision_layernorm: Optional[bool] = None):
+                 low_precision_layernorm: Optional[bool] = None, cuda_graphs: bool = True):
         self.device = torch.device(device)
         self.dtype = dtype
+        self.cuda_graphs = cuda_graphs
         if low_precision_layernorm is None:  # fp16: as exact (tests/unit/test_decoding.py)
             low_precision_layernorm = dtype == torch.float16
         self.model = prepare_model(model, device, dtype, low_precision_layernorm)
@@ -152,7 +153,8 @@ class ModelRunner:
 
     def _new_batch(self) -> DecodeBatch:
         # the tokenizer only turns tokens into text: the BPE is the same for every language
-        return DecodeBatch(self.model, self.tokenizer("en", "transcribe"), self.rules, self.max_new_tokens)
+        return DecodeBatch(self.model, self.tokenizer("en", "transcribe"), self.rules, self.max_new_tokens,
+                           cuda_graphs=self.cuda_graphs)
 
     def tokenizer(self, language: Optional[str], task: str):
         model = self.model

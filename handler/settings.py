@@ -24,6 +24,7 @@ class HandlerSettings:
     cpu_threads: int = 0  # 0 = the worker's share of the cores
     cpu_precision: str = "auto"
     cpu_encoder: str = "auto"
+    cuda_graphs: bool = True  # GPU: replay the decode step as CUDA graphs (off: eager)
     log_transcripts: bool = False  # transcripts are user data
     fault_injection_oom_above_windows: int = 0  # tests only: 0 = off
 
@@ -102,5 +103,6 @@ HANDLER_ENV = {
     "WHISPER_MAX_INFLIGHT_AUDIO_S": "max_inflight_audio_s",
     "WHISPER_CPU_PRECISION": "cpu_precision",
     "WHISPER_CPU_ENCODER": "cpu_encoder",
+    "WHISPER_CUDA_GRAPHS": "cuda_graphs",
     "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "fault_injection_oom_above_windows",
 }

@@ -168,14 +168,14 @@ def test_render_handler_env_overrides(render_module, template):
     env = {
         "WHISPER_MAX_DURATION_S": "30", "WHISPER_DEFAULT_MODE": "sequential", "WHISPER_WINDOW_BUDGET": "12",
         "WHISPER_MAX_INFLIGHT_AUDIO_S": "3600", "WHISPER_CPU_PRECISION": "fp32",
-        "WHISPER_CPU_ENCODER": "torch", "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "2",
+        "WHISPER_CPU_ENCODER": "torch", "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "2", "WHISPER_CUDA_GRAPHS": "false",
     }
     assert set(env) == set(HANDLER_ENV)  # every variable, each once
     handler = render_module.render(template, "base", "cpu", env)["handler"]
     assert handler["max_duration_s"] == 30.0 and handler["default_mode"] == "sequential"
     assert handler["window_budget"] == 12 and isinstance(handler["window_budget"], int)
     assert handler["max_inflight_audio_s"] == 3600.0 and handler["cpu_precision"] == "fp32"
-    assert handler["cpu_encoder"] == "torch"
+    assert handler["cpu_encoder"] == "torch" and handler["cuda_graphs"] is False
     assert handler["fault_injection_oom_above_windows"] == 2
     assert template["handler"]["fault_injection_oom_above_windows"] == 0
     # only the template's keys, typed: what the handler reads back unchanged
