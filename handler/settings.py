@@ -10,6 +10,7 @@ from typing import Mapping, Optional
 
 CPU_PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU has AMX or AVX-512 bf16
 CPU_ENCODERS = ("auto", "torch", "onnxruntime")  # auto: onnxruntime where the precision is fp32
+SPLIT_LONG = ("auto", "on", "off")  # auto: on a GPU (EngineConfig.split_long)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class HandlerSettings:
     cpu_precision: str = "auto"
     cpu_encoder: str = "auto"
     cuda_graphs: bool = True  # GPU: replay the decode step as CUDA graphs (off: eager)
+    split_long: str = "auto"  # cut long files into pieces decoded side by side
     log_transcripts: bool = False  # transcripts are user data
     fault_injection_oom_above_windows: int = 0  # tests only: 0 = off
 
@@ -52,6 +54,8 @@ class HandlerSettings:
                              f"not {settings.cpu_precision!r}")
         if settings.cpu_encoder not in CPU_ENCODERS:
             raise ValueError(f"handler.cpu_encoder must be one of {CPU_ENCODERS}, not {settings.cpu_encoder!r}")
+        if settings.split_long not in SPLIT_LONG:
+            raise ValueError(f"handler.split_long must be one of {SPLIT_LONG}, not {settings.split_long!r}")
         if settings.default_mode not in ("batched", "sequential"):
             raise ValueError(f"handler.default_mode must be batched or sequential, not {settings.default_mode!r}")
         return settings
@@ -64,6 +68,11 @@ class HandlerSettings:
     def cpu_bf16(self) -> Optional[bool]:
         """EngineConfig.cpu_bf16: None lets the engine choose (by cpu.bf16_unit)."""
         return {"auto": None, "bf16": True, "fp32": False}[self.cpu_precision]
+
+    @property
+    def engine_split_long(self) -> Optional[bool]:
+        """EngineConfig.split_long: None lets the engine choose (on a GPU)."""
+        return {"auto": None, "on": True, "off": False}[self.split_long]
 
     @property
     def engine_cpu_encoder(self) -> Optional[str]:
@@ -104,5 +113,6 @@ HANDLER_ENV = {
     "WHISPER_CPU_PRECISION": "cpu_precision",
     "WHISPER_CPU_ENCODER": "cpu_encoder",
     "WHISPER_CUDA_GRAPHS": "cuda_graphs",
+    "WHISPER_SPLIT_LONG": "split_long",
     "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "fault_injection_oom_above_windows",
 }

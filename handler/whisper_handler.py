@@ -171,6 +171,7 @@ class WhisperHandler(BaseHandler):
                 cpu_bf16=settings.cpu_bf16,
                 cpu_encoder=settings.engine_cpu_encoder,
                 cuda_graphs=settings.cuda_graphs,
+                split_long=settings.engine_split_long,
                 max_inflight_audio_s=settings.max_inflight_audio_s,
                 oom_above_windows=settings.fault_injection_oom_above_windows,
             ),

@@ -94,6 +94,7 @@ def test_unknown_setting_is_rejected_with_the_known_ones():
         ({"log_transcripts": "maybe"}, "log_transcripts"),
         ({"cpu_precision": "fp16"}, "cpu_precision"),
         ({"cpu_encoder": "tensorrt"}, "cpu_encoder"),
+        ({"split_long": "sometimes"}, "split_long"),
         ({"default_mode": "fast"}, "default_mode"),
     ],
 )
@@ -114,6 +115,11 @@ def test_bool_settings(value, expected):
 @pytest.mark.parametrize("precision, bf16", [("auto", None), ("bf16", True), ("fp32", False)])
 def test_cpu_precision(precision, bf16):
     assert HandlerSettings.from_yaml({"cpu_precision": precision}).cpu_bf16 is bf16
+
+
+@pytest.mark.parametrize("value, expected", [("auto", None), ("on", True), ("off", False)])
+def test_split_long(value, expected):
+    assert HandlerSettings.from_yaml({"split_long": value}).engine_split_long is expected
 
 
 @pytest.mark.parametrize("encoder, expected", [("auto", None), ("torch", "torch"), ("onnxruntime", "onnxruntime")])
@@ -169,6 +175,7 @@ def test_render_handler_env_overrides(render_module, template):
         "WHISPER_MAX_DURATION_S": "30", "WHISPER_DEFAULT_MODE": "sequential", "WHISPER_WINDOW_BUDGET": "12",
         "WHISPER_MAX_INFLIGHT_AUDIO_S": "3600", "WHISPER_CPU_PRECISION": "fp32",
         "WHISPER_CPU_ENCODER": "torch", "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "2", "WHISPER_CUDA_GRAPHS": "false",
+        "WHISPER_SPLIT_LONG": "off",
     }
     assert set(env) == set(HANDLER_ENV)  # every variable, each once
     handler = render_module.render(template, "base", "cpu", env)["handler"]
@@ -176,6 +183,7 @@ def test_render_handler_env_overrides(render_module, template):
     assert handler["window_budget"] == 12 and isinstance(handler["window_budget"], int)
     assert handler["max_inflight_audio_s"] == 3600.0 and handler["cpu_precision"] == "fp32"
     assert handler["cpu_encoder"] == "torch" and handler["cuda_graphs"] is False
+    assert handler["split_long"] == "off"
     assert handler["fault_injection_oom_above_windows"] == 2
     assert template["handler"]["fault_injection_oom_above_windows"] == 0
     # only the template's keys, typed: what the handler reads back unchanged
