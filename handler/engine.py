@@ -207,8 +207,10 @@ class Engine:
         self.on_step = on_step
         # Counters and seconds per phase since start; the handler logs and exports them.
         self.stats = {
-            "steps": 0, "encoder_windows": 0, "decoded_windows": 0, "decoded_tokens": 0, "fallback_windows": 0,
-            "oom_splits": 0, "word_timing_calls": 0, "word_timed_windows": 0, "failed_requests": 0, "finished_requests": 0, "audio_s": 0.0,
+            "steps": 0, "encoder_windows": 0, "decoded_windows": 0, "decoded_tokens": 0,
+            "fallback_windows": 0, "oom_splits": 0, "failed_requests": 0, "finished_requests": 0,
+            "audio_s": 0.0,
+            "word_timing_calls": 0, "word_timed_windows": 0,  # calls batch a step's windows
             "committed_audio_s": 0.0,  # audio the streams' seeks have moved past
             "mel_s": 0.0, "encode_s": 0.0, "decode_s": 0.0, "step_s": 0.0,
             # voice activity detection: seconds spent, audio skipped, windows not decoded
