@@ -20,9 +20,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list:
+    """`n` distinct free loopback ports: all held open until all are chosen (one at a time,
+    the system may hand the same port out twice, and TorchServe stops when two of its
+    servers collide)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass
@@ -55,7 +69,7 @@ def start_service(
     """serve.sh --background with everything under `root`; raises with the logs' tails if
     the service does not come up."""
     root = Path(root)
-    ports = [free_port() for _ in range(7)]
+    ports = free_ports(7)
     env = dict(os.environ)
     env.update(
         WHISPER_MODEL=model,
@@ -92,7 +106,7 @@ def start_service(
     if proc.returncode != 0:
         service.stop()
         logs = ""
-        for name in ("ts_log.log", "model_log.log"):
+        for name in ("ts_log.log", "model_log.log", "serve_stdout.log"):  # the last has Java's exceptions
             path = root / "logs" / name
             if path.exists():
                 logs += f"\n--- {name} (tail)\n" + "\n".join(path.read_text().splitlines()[-40:])
