@@ -325,8 +325,11 @@ def bench_engine(model, device, streams, audio, rows: dict, label: str) -> None:
 
     engine = Engine(model, EngineConfig(device=str(device), max_new_tokens=TOKENS_PER_WINDOW, cpu_bf16=False))
     options = TranscriptionOptions(language="en", temperature=(0.0,), condition_on_previous_text=False)
-    engine.transcribe([(audio[: 16000 * 60], options)])  # warm-up: kernels, first graphs
+    # warm-up at the largest batch: kernels, the decode buffers at full size (growing them
+    # drops the captured graphs) and the graphs of the shapes a long run goes through
+    engine.transcribe([(audio[: 16000 * 60], options)] * max(streams))
     for n in streams:
+        print(f"[benchmark] {label}: ours, {n} streams ...", file=sys.stderr, flush=True)
         before = dict(engine.stats)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -369,6 +372,7 @@ def bench_transformers(name: str, device, streams, rows: dict, label: str) -> No
     hf = WhisperForConditionalGeneration(config).to(device, dtype).eval()
     sot = [50258, 50259, 50359]
     for n in streams:
+        print(f"[benchmark] {label}: transformers, batch {n} ...", file=sys.stderr, flush=True)
         features = torch.randn(n, d["n_mels"], 3000, device=device, dtype=dtype)
         ids = torch.tensor([sot] * n, device=device)
         if device.type == "cuda":
