@@ -274,13 +274,12 @@ class DecodeBatch:
         step = self.span_step
         return min(self.n_ctx, -(-(self.bound + tokens) // step) * step)
 
-    def _grow(self, capacity: int) -> None:
-        """Buffers for `capacity` rows, the rows in use copied over. Allocates before it
-        assigns: an out-of-memory error leaves the batch as it was."""
+    def _grow(self, capacity: int, dtype: torch.dtype) -> None:
+        """Buffers for `capacity` rows, caches in `dtype` (the audio features'), the rows in
+        use copied over. Allocates before it assigns: an out-of-memory error leaves the
+        batch as it was."""
         old = len(self.slots)
-        dims, dtype, device = self.model.dims, self.model.decoder.token_embedding.weight.dtype, self.device
-        if self.cross_k:
-            dtype = self.cross_k[0].dtype
+        dims, device = self.model.dims, self.device
         heads = self.model.decoder.blocks[0].cross_attn.n_head
         n_layers = len(self.model.decoder.blocks)
 
@@ -290,13 +289,12 @@ class DecodeBatch:
                 new[:old] = t
             return new
 
-        none = -1
         spec = {  # name: (shape, dtype, value of an unused row)
             "next_tokens": ((), torch.long, self.rules.eot), "next_position": ((), torch.long, 0),
             "key_mask": ((self.n_ctx,), torch.bool, False), "out_tokens": ((self.sample_len,), torch.long, 0),
             "row_step": ((), torch.long, 0), "n_steps": ((), torch.long, 0), "n_sampled": ((), torch.long, 0),
             "sum_logprobs": ((), torch.float32, 0.0), "no_speech": ((), torch.float32, 0.0),
-            "last": ((), torch.long, none), "penultimate": ((), torch.long, none), "last_ts": ((), torch.long, none),
+            "last": ((), torch.long, -1), "penultimate": ((), torch.long, -1), "last_ts": ((), torch.long, -1),
             "done": ((), torch.bool, True), "row_temperature": ((1,), torch.float32, 1.0),
         }
         state = {name: rows(self.state.get(name), shape, dt, fill) for name, (shape, dt, fill) in spec.items()}
@@ -378,7 +376,7 @@ class DecodeBatch:
         # into the lowest free slots, growing the buffers first if they are full
         free = [k for k, row in enumerate(self.slots) if row is None]
         if len(free) < n_rows:
-            self._grow(self._bucket(len(self.slots) + n_rows - len(free)))
+            self._grow(self._bucket(len(self.slots) + n_rows - len(free)), audio_features.dtype)
             free = [k for k, row in enumerate(self.slots) if row is None]
         slots = free[:n_rows]
         index = torch.tensor(slots, device=device)
