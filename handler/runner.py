@@ -92,12 +92,14 @@ class _Replayed:
     So the alignment rules (median filter, DTW, word merging, the long-word heuristics)
     stay whisper's own, while the device work is one pass for many windows."""
 
-    def __init__(self, model, logits: torch.Tensor, qks: List[torch.Tensor]):
+    def __init__(self, model, logits: torch.Tensor, qks: dict):
+        """qks: layer -> (its alignment heads' numbers, their maps (heads, tokens, frames)),
+        for the layers that hold alignment heads; find_alignment reads no other map."""
         self.dims, self.alignment_heads, self.device = model.dims, model.alignment_heads, model.device
         self.logits, self.qks, self.hooks = logits, qks, {}
         self.decoder = SimpleNamespace(blocks=[
             SimpleNamespace(cross_attn=SimpleNamespace(register_forward_hook=partial(self._hook, i)))
-            for i in range(len(qks))])
+            for i in range(model.dims.n_text_layer)])
 
     def _hook(self, layer, hook):
         self.hooks[layer] = hook
@@ -107,7 +109,12 @@ class _Replayed:
         if tokens.shape[-1] != self.logits.shape[0]:
             raise RuntimeError(f"alignment replay: {tokens.shape[-1]} tokens, {self.logits.shape[0]} prepared")
         for layer, hook in list(self.hooks.items()):
-            hook(None, None, (None, self.qks[layer][None]))
+            maps = torch.zeros(0)  # a layer without alignment heads: never read
+            if layer in self.qks:
+                heads, part = self.qks[layer]
+                maps = part.new_zeros(self.dims.n_text_head, *part.shape[1:])
+                maps[heads] = part
+            hook(None, None, (None, maps[None]))
         return self.logits[None]
 
 
@@ -242,10 +249,10 @@ class ModelRunner:
             tokens = torch.tensor([tokens + [w.tokenizer.eot] * (width - len(tokens)) for tokens, w in group],
                                   device=self.device)
             features = torch.stack([w.features for _, w in group])
-            qks = [None] * self.dims.n_text_layer
-            hooks = [block.cross_attn.register_forward_hook(
-                lambda _, ins, outs, index=i: qks.__setitem__(index, outs[-1]))
-                for i, block in enumerate(self.model.decoder.blocks)]
+            qks = {}  # layer -> (rows, its alignment heads, tokens, frames): only what DTW reads
+            hooks = [self.model.decoder.blocks[layer].cross_attn.register_forward_hook(
+                lambda _, ins, outs, layer=layer, heads=heads: qks.__setitem__(layer, outs[-1][:, heads]))
+                for layer, heads in self._alignment_heads.items()]
             try:
                 with disable_sdpa():
                     logits = self.model.decoder(tokens, features)
@@ -254,7 +261,8 @@ class ModelRunner:
                     hook.remove()
             for k, (row_tokens, w) in enumerate(group):
                 n = len(row_tokens)
-                replayed = _Replayed(self.model, logits[k, :n], [qk[k, :, :n] for qk in qks])
+                replayed = _Replayed(self.model, logits[k, :n], {
+                    layer: (self._alignment_heads[layer], qk[k, :, :n]) for layer, qk in qks.items()})
                 add_word_timestamps(segments=w.segments, model=replayed, tokenizer=w.tokenizer, mel=w.features,
                                     num_frames=w.num_frames, last_speech_timestamp=w.last_speech_timestamp)
         for w, text in zip(windows, texts):
