@@ -642,6 +642,8 @@ class Engine:
             except Exception:
                 logger.exception("word timestamps of %d windows failed: timing them one at a time", len(proposals))
         for item in proposals:
+            if all("words" in segment for segment in item[1][0].segments):
+                continue  # timed before the failure (whisper moves segment edges: not twice)
             try:
                 self.runner.add_word_timestamps(windows([item]))
             except Exception as exc:
