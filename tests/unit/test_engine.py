@@ -188,12 +188,43 @@ def test_word_timestamps_are_monotonic_and_inside_segments(engine):
 def test_words_of_windows_ending_in_one_step_are_timed_together(engine):
     before = dict(engine.stats)
     jfk = load(JFK)
-    with engine._cond:  # both arrive before the loop looks: they start, and end, in one step
+    with together(engine):  # both arrive before the loop looks: they start, and end, in one step
         futures = [engine.submit(a, TranscriptionOptions(word_timestamps=True)) for a in (jfk, jfk.copy())]
     out = [f.result() for f in futures]
     assert engine.stats["word_timed_windows"] - before["word_timed_windows"] == 2
     assert engine.stats["word_timing_calls"] - before["word_timing_calls"] == 1
     assert out[0].segments[0].words == out[1].segments[0].words and out[0].segments[0].words
+
+
+def test_a_failing_word_timing_call_is_retried_window_by_window(engine, model):
+    """A batched word-timing call that raises is retried one window at a time: the window
+    that fails alone fails its request, the other gets its words as usual."""
+    words_on = TranscriptionOptions(word_timestamps=True)
+    jfk = load(JFK)
+    (expected,) = engine.transcribe([(jfk, words_on)])
+    calls = []
+    with closing(model) as e:
+        original = e.runner.add_word_timestamps
+
+        def failing(windows):
+            calls.append(len(windows))
+            if len(windows) > 1 or len(calls) == 3:  # the batch, then the second window alone
+                raise ValueError("bad alignment")
+            return original(windows)
+
+        e.runner.add_word_timestamps = failing
+        with together(e):
+            futures = [e.submit(a, words_on) for a in (jfk, jfk.copy())]
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result(timeout=60))
+            except InternalError as error:
+                assert "word timestamps failed" in error.message and "bad alignment" in error.message
+                outcomes.append(None)
+        assert calls == [2, 1, 1] and e.stats["failed_requests"] == 1
+    (ok,) = [t for t in outcomes if t is not None]
+    assert [s.words for s in ok.segments] == [s.words for s in expected.segments] and ok.segments[0].words
 
 
 # ---------------------------------------------------------------------------- scheduling
