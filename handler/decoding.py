@@ -472,8 +472,7 @@ class DecodeBatch:
                     if self._eager_runs[key] == GRAPH_WARMUP_STEPS:
                         self._capture(key)
         self.horizon -= tokens
-        self.bound = min(self.n_ctx - 1, self.bound + tokens)
-        return self._retire(rows)
+        return self._retire(rows)  # which also reads where the rows are: the new bound
 
     def _capture(self, key: Tuple[int, int]) -> None:
         """Record the token step of this shape as a CUDA graph (not run: the next token
