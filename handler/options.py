@@ -1,8 +1,9 @@
-"""Request options (query string and form fields) -> one validated TranscriptionOptions.
+"""Request options (form fields and X-Whisper-* headers) -> one validated TranscriptionOptions.
 
 TorchServe hands the handler one dict per request: the raw body under "body" or multipart
-audio under its field name, and every query-string parameter and form field as a key of its
-own, with bytes or str values. Option names follow OpenAI's audio API where it has one:
+audio under its field name, and every form field as a key of its own, with bytes or str
+values (it drops the query string; the handler adds options sent as `X-Whisper-<Option>`
+headers, whisper_handler.request_options). Every value is at most MAX_OPTION_CHARS long. Option names follow OpenAI's audio API where it has one:
 
     language, task, prompt, temperature, response_format, model,
     timestamp_granularities (also "timestamp_granularities[]", OpenAI's client form,
@@ -55,6 +56,8 @@ MODES = ("batched", "sequential")
 GRANULARITIES = ("segment", "word")
 MODEL_ALIASES = ("whisper-1",)  # OpenAI's model name: means "the loaded model" here
 MAX_PROMPT_CHARS = 1000
+MAX_OPTION_CHARS = 4096  # any option's value (the prompt is the longest one that means anything)
+MAX_NAME_SHOWN = 64  # characters of an unknown field's name repeated in the error
 MAX_TEMPERATURES = 10
 OPTIONS = (
     "language",
@@ -118,7 +121,15 @@ def _text(name: str, value) -> str:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidOption(name, f"Option '{name}' is not valid UTF-8 text.") from None
-    return str(value).strip()
+    value = str(value).strip()
+    if len(value) > MAX_OPTION_CHARS:
+        raise InvalidOption(name, f"Option '{name}' is {len(value)} characters; the limit is {MAX_OPTION_CHARS}.")
+    return value
+
+
+def _shown(name: str) -> str:
+    """A field name as the error repeats it: cut short, so a hostile name is not echoed."""
+    return name if len(name) <= MAX_NAME_SHOWN else name[:MAX_NAME_SHOWN] + "..."
 
 
 def _choice(name: str, value: str, allowed) -> str:
@@ -193,7 +204,7 @@ def _chunking_strategy(value, fields: Mapping[str, str]) -> Optional[VadOptions]
             return None
         try:
             spec = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested arrays or objects
             spec = None
         if not isinstance(spec, dict):
             raise InvalidOption(name, f"Invalid chunking_strategy '{value}'; allowed values: auto, or a "
@@ -206,7 +217,7 @@ def _chunking_strategy(value, fields: Mapping[str, str]) -> Optional[VadOptions]
                             "server_vad (or the value auto).")
     unknown = sorted(set(spec) - set(SERVER_VAD) - {"type"})
     if unknown:
-        raise InvalidOption(name, f"Unknown chunking_strategy field(s) {', '.join(unknown)}; accepted: "
+        raise InvalidOption(name, f"Unknown chunking_strategy field(s) {', '.join(map(_shown, unknown))}; accepted: "
                             f"type, {', '.join(SERVER_VAD)}.")
     vad = {}
     for key, (target, lo, hi) in SERVER_VAD.items():
@@ -272,12 +283,12 @@ def parse_options(
         name = key[:-2] if key.endswith("[]") else key
         if name in UNSUPPORTED:
             raise InvalidOption(
-                name, f"Option '{key}' is not supported for Whisper models (OpenAI offers it for "
+                name, f"Option '{_shown(key)}' is not supported for Whisper models (OpenAI offers it for "
                 f"its newer transcription models only)."
             )
         if name not in OPTIONS:
             raise InvalidOption(
-                name, f"Unknown option '{key}'; accepted options: {', '.join(OPTIONS)}."
+                _shown(name), f"Unknown option '{_shown(key)}'; accepted options: {', '.join(OPTIONS)}."
             )
         items = value if isinstance(value, (list, tuple)) else [value]
         values.setdefault(name, []).extend(_text(name, item) for item in items)

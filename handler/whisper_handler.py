@@ -36,7 +36,8 @@ from ts.torch_handler.base_handler import BaseHandler
 from audio import decode_audio
 from checkpoint import describe, load_whisper
 from cpu import cpu_description
-from engine import Engine, EngineConfig, StepReport
+from engine import Engine, EngineConfig
+from scheduler import StepReport
 from errors import InternalError, InvalidAudio, Overloaded, RequestError
 from formats import error_body, render, usage
 from options import AUDIO_FIELDS, parse_options
@@ -51,7 +52,14 @@ EVENT_STREAM = "text/event-stream"
 
 
 def audio_bytes(request: dict) -> bytes:
-    """The upload: a multipart field (file, data, audio) or the raw body."""
+    """The upload: a multipart field (file, data, audio) or the raw body; exactly one."""
+    given = [name for name in AUDIO_FIELDS if request.get(name) not in (None, b"", bytearray())]
+    parts = sum(len(request[name]) if isinstance(request[name], list) else 1 for name in given)
+    if parts > 1:
+        raise InvalidAudio(
+            "multiple_files",
+            f"one audio file per request, got {parts} ({', '.join(given)}); send each file as its own request",
+        )
     for name in AUDIO_FIELDS:
         value = request.get(name)
         if isinstance(value, (bytes, bytearray)) and len(value) > 0:
@@ -148,7 +156,7 @@ def _as_list(value) -> list:
 class WhisperHandler(BaseHandler):
     def initialize(self, context):
         started = time.perf_counter()
-        self.context = context  # metrics are emitted through it, also from the engine's thread
+        self.context = context  # metrics are emitted through it, also from the metrics thread
         properties = context.system_properties
         self.settings = settings = HandlerSettings.from_yaml((context.model_yaml_config or {}).get("handler"))
         self.model_name = settings.model
@@ -173,13 +181,14 @@ class WhisperHandler(BaseHandler):
                 cuda_graphs=settings.cuda_graphs,
                 split_long=settings.engine_split_long,
                 max_inflight_audio_s=settings.max_inflight_audio_s,
-                oom_above_windows=settings.fault_injection_oom_above_windows,
+                max_sequential_waiting=settings.max_sequential_waiting,
             ),
         )
         self.model = self.engine.model  # moved/cast for the device by the engine
         # Compile the lazily built kernels (word-timestamp DTW, cuDNN) before the first request.
         self.engine.warmup()
-        self.engine.on_step = self._on_step
+        # the engine's step reports become metrics on a thread of their own
+        threading.Thread(target=self._report_steps, name="whisper-metrics", daemon=True).start()
         # audio decoding, ffmpeg, log-mel and rendering: per-request work off the event loop
         self.executor = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="whisper-io")
         self.initialized = True
@@ -190,7 +199,7 @@ class WhisperHandler(BaseHandler):
             self.model_name, os.path.basename(checkpoint), self.device, platform.python_version(),
             torch.__version__, torch.version.cuda,
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none",
-            cpu_description(), str(self.engine.config.dtype).replace("torch.", ""), self.engine.config.cpu_encoder,
+            cpu_description(), self.engine.config.precision, self.engine.config.cpu_encoder,
             torch.get_num_threads(), describe(self.model), self.engine.config,
             time.perf_counter() - started,
         )
@@ -205,8 +214,12 @@ class WhisperHandler(BaseHandler):
         except Exception:  # metrics must never fail a request
             logger.debug("metric %s not emitted", name, exc_info=True)
 
+    def _report_steps(self) -> None:
+        """Emit the metrics of each engine step, as the engine reports them."""
+        while True:
+            self._on_step(self.engine.reports.get())
+
     def _on_step(self, step: StepReport) -> None:
-        """Called by the engine's thread after each step."""
         self._emit("WindowsPerStep", MetricTypes.HISTOGRAM, step.windows)
         self._emit("StepTime", MetricTypes.HISTOGRAM, step.seconds * 1000)
         self._emit("InflightRequests", MetricTypes.GAUGE, step.requests)
@@ -245,14 +258,14 @@ class WhisperHandler(BaseHandler):
             logger.info("request %s: audio %.2fs at %s Hz, %s ch, %s via %s, decode %.3fs",
                         request_id, audio.duration_s, audio.source_rate, audio.channels,
                         audio.source_format, audio.decoder, time.perf_counter() - started)
+            submission = await loop.run_in_executor(self.executor, partial(
+                self.engine.submit, audio.samples, options, request_id=request_id))
             if options.stream:
                 streaming = True
-                transcript = await self._stream(index, request_id, audio, options, context)
+                transcript = await self._stream(index, submission, context)
                 body = sse(done_event(transcript))
             else:
-                future = await loop.run_in_executor(self.executor, partial(
-                    self.engine.submit, audio.samples, options, request_id=request_id))
-                transcript = await asyncio.wrap_future(future)
+                transcript = await asyncio.wrap_future(submission)
                 body, content_type = await loop.run_in_executor(self.executor, render, transcript, options)
                 context.set_response_content_type(index, content_type)
         except RequestError as err:
@@ -271,26 +284,17 @@ class WhisperHandler(BaseHandler):
             self._emit("RealTimeFactor", MetricTypes.GAUGE, elapsed / transcript.duration)
         return body
 
-    async def _stream(self, index, request_id, audio, options, context):
+    async def _stream(self, index, submission, context):
         """Send a `transcript.text.delta` event per committed segment as the engine commits
         it; return the transcript for the final `transcript.text.done` event."""
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue = asyncio.Queue()
-        on_segments = partial(loop.call_soon_threadsafe, deltas.put_nowait)
-        future = await loop.run_in_executor(self.executor, partial(
-            self.engine.submit, audio.samples, options, on_segments=on_segments, request_id=request_id))
-        finished = asyncio.wrap_future(future)
-        while not finished.done() or not deltas.empty():
-            waiter = asyncio.ensure_future(deltas.get())
-            await asyncio.wait({waiter, finished}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiter.done():
-                waiter.cancel()
-                continue
-            events = b"".join(sse(delta_event(s)) for s in waiter.result())
+        k = 0
+        while (segments := await asyncio.wrap_future(submission.segments.get(k))) is not None:
+            k += 1
+            events = b"".join(sse(delta_event(s)) for s in segments)
             if events:
                 start_event_stream(context, index)
                 send_chunk(context, index, events)
-        transcript = finished.result()  # raises the request's error
+        transcript = await asyncio.wrap_future(submission)  # raises the request's error
         start_event_stream(context, index)
         return transcript
 

@@ -161,6 +161,38 @@ def test_bad_options_are_400_naming_the_option(service, fields, option):
     assert body["code"] == "invalid_option"
 
 
+SHORT_SAMPLE = REPO / "samples" / "lj_speech_LJ002-0020.wav"  # 1.5 s
+HOSTILE_VALUES = ["[" * 100_000 + "]" * 100_000, "NaN", "inf", "-1e309", "1" * 5000, "\u202e😀\x00", "",
+                  '{"type": "server_vad", "threshold": [[[[1]]]]}', ["a", "b"]]
+
+
+def test_hostile_option_values_get_a_200_or_a_4xx_with_a_code(service):
+    """Every option, and a few names that are none, with nesting, sizes, NaN, unicode and
+    duplicates: each answer is a transcript or a 4xx JSON error with a code, and the
+    service still transcribes afterwards."""
+    from options import OPTIONS
+
+    outcomes = {}
+    for name in [*OPTIONS, "chunking_strategy[threshold]", "include[]", "x" * 5000]:
+        for k, value in enumerate(HOSTILE_VALUES):
+            response = post(service, SHORT_SAMPLE, timeout=120, **{name: value})
+            if response.status_code != 200:
+                body = assert_error(response, response.status_code)
+                assert 400 <= response.status_code < 500 and body["code"], (name[:20], k, body)
+            outcomes[response.status_code] = outcomes.get(response.status_code, 0) + 1
+    print(f"\nhostile option values: {outcomes}")
+    assert set(outcomes) <= {200, 400} and outcomes[400] > 0
+    assert post(service, JFK).json()["text"].strip()
+
+
+def test_two_audio_files_in_one_request_are_400(service):
+    with open(JFK, "rb") as a, open(SHORT_SAMPLE, "rb") as b:
+        response = requests.post(f"{service.url}/predictions/whisper", timeout=120,
+                                 files=[("file", ("a.flac", a)), ("file", ("b.wav", b))])
+    body = assert_error(response, 400, "one audio file per request")
+    assert body["code"] == "multiple_files"
+
+
 def test_english_only_model_refuses_translate(service):
     assert_error(post(service, task="translate"), 400, "translate")
 

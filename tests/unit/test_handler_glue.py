@@ -63,6 +63,13 @@ def test_audio_bytes_from_each_field():
     assert audio_bytes({"audio": b"abc"}) == b"abc"
 
 
+@pytest.mark.parametrize("request_fields", [{"file": [b"a", b"b"]}, {"file": b"a", "audio": b"b"}])
+def test_more_than_one_audio_file_is_400(request_fields):
+    with pytest.raises(InvalidAudio) as err:
+        audio_bytes(request_fields)
+    assert err.value.status == 400 and err.value.code == "multiple_files" and "2" in err.value.message
+
+
 @pytest.mark.parametrize("request_fields", [{}, {"body": b""}, {"language": b"en"}])
 def test_missing_audio_is_400(request_fields):
     with pytest.raises(InvalidAudio) as err:

@@ -9,6 +9,7 @@ from errors import InvalidOption, ModelNotLoaded
 from options import (
     AUDIO_FIELDS,
     DEFAULT_TEMPERATURE,
+    MAX_OPTION_CHARS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     OPTIONS,
@@ -306,3 +307,31 @@ def test_hallucination_silence_threshold_is_seconds_within_a_window():
     for bad in ("0", "-1", "31", "nan", "inf", "two"):
         message = rejects({"hallucination_silence_threshold": bad}, "hallucination_silence_threshold")
         assert "at most 30" in message
+
+
+# ---------------------------------------------------------------- hostile values
+
+HOSTILE = [
+    "[" * 100_000 + "]" * 100_000,  # 200 kB of nesting (json.loads: RecursionError)
+    '{"type": "server_vad", "threshold": ' + "[" * 3000 + "]" * 3000 + "}",
+    "x" * 1_000_000,
+    "1" * 5000,  # beyond Python's int() digit limit
+    "NaN", "nan", "inf", "-inf", "1e309", "-1e309", "-0", "0x10", "1_000",
+    "", " ", "\x00", "null", "None", "true", "[]", "{}", '{"type": null}',
+    "\u202eevil", "😀" * 10, "é", "ｅｎ", "en\x00", "auto,auto", ",,,,",
+    b"\xff\xfe\xfd",  # not UTF-8
+    ["a", "b"],  # a repeated field
+]
+
+
+@pytest.mark.parametrize("name", [*OPTIONS, "chunking_strategy[threshold]", "timestamp_granularities[]",
+                                  "include[]", "unknown_option", "x" * 10_000])
+@pytest.mark.parametrize("value", HOSTILE, ids=range(len(HOSTILE)))
+def test_every_option_takes_hostile_values_with_a_200_or_a_clear_400(name, value):
+    """Nothing a client sends in an option ends in anything but options or a 400 with a
+    code; the message stays short (no echo of a huge value)."""
+    try:
+        parse({name: value})
+    except (InvalidOption, ModelNotLoaded) as err:
+        assert err.status == 400 and err.code in ("invalid_option", "model_not_found")
+        assert len(err.message) < MAX_OPTION_CHARS + 1000, len(err.message)
