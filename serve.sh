@@ -206,7 +206,9 @@ do_start() {  # $1 = foreground|background
   do_prepare
   ts_env
   if [ "$1" = background ]; then
-    torchserve --start "${TS_START_ARGS[@]}" >"$LOG_DIR/serve_stdout.log" 2>&1
+    # In a session of its own: --stop can then end every process it started, workers that
+    # replaced dead ones included, without touching the caller's session.
+    setsid -w torchserve --start "${TS_START_ARGS[@]}" >"$LOG_DIR/serve_stdout.log" 2>&1
     wait_healthy ""
     [ "$OPENAI" = 1 ] && start_openai_proxy
     print_endpoints
@@ -228,8 +230,9 @@ do_stop() {
     log "not running"
     return 0
   fi
-  local pid
+  local pid sid
   pid="$(cat "$RUN_DIR/tmp/.model_server.pid")"
+  sid="$(ps -o sid= -p "$pid" | tr -d ' ')"
   torchserve --stop >/dev/null 2>&1 || true
   # torchserve --stop only signals the frontend; wait until it and its workers are gone.
   for _ in $(seq 1 60); do
@@ -239,6 +242,12 @@ do_stop() {
   if kill -0 "$pid" 2>/dev/null; then
     log "frontend did not stop in 30 s, killing it"
     kill -9 "$pid" 2>/dev/null || true
+  fi
+  # A worker the frontend did not stop (one started to replace a dead worker while it shut
+  # down) would live on orphaned: end what is left of the frontend's own session.
+  if [ -n "$sid" ] && [ "$sid" != "$(ps -o sid= -p $$ | tr -d ' ')" ] && pgrep -s "$sid" >/dev/null; then
+    log "killing $(pgrep -s "$sid" | wc -l) process(es) left in the server's session"
+    pkill -KILL -s "$sid" || true
   fi
   log "stopped"
 }

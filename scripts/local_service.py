@@ -10,13 +10,15 @@ can run beside each other and beside a developer's server on the default ports.
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+SESSIONS: List[int] = []  # the process sessions of every service started here (leak checks)
 
 
 def free_port() -> int:
@@ -52,15 +54,45 @@ class Service:
     token: Optional[str] = None
     openai_url: Optional[str] = None  # the nginx proxy (serve.sh --openai), if started
 
+    session: Optional[int] = None  # the process session of TorchServe and its workers
+
     def stop(self) -> subprocess.CompletedProcess:
-        return subprocess.run(
+        """serve.sh --stop; then anything still alive in the service's session is killed
+        (and counted in the returned process's `leftovers`)."""
+        done = subprocess.run(
             [str(REPO / "serve.sh"), "--stop"], env=self.env, capture_output=True, text=True, timeout=120
         )
+        done.leftovers = kill_session(self.session) if self.session else []
+        return done
 
     def pid(self) -> Optional[int]:
         """The TorchServe frontend's pid."""
         pid_file = Path(self.env["WHISPER_RUN_DIR"]) / "tmp" / ".model_server.pid"
         return int(pid_file.read_text()) if pid_file.exists() else None
+
+
+def session_processes(session: int) -> List[int]:
+    """Pids of the live processes in a session (zombies left out)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":  # state, ppid, pgrp, session
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(session: int) -> List[int]:
+    """SIGKILL every live process of `session`; returns their pids."""
+    pids = session_processes(session)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
 
 
 def start_service(
@@ -103,6 +135,11 @@ def start_service(
         log_dir=root / "logs",
         openai_url=f"http://127.0.0.1:{ports[6]}/v1" if openai else None,
     )
+    pid = service.pid()
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            service.session = os.getsid(pid)
+            SESSIONS.append(service.session)
     if proc.returncode != 0:
         service.stop()
         logs = ""

@@ -14,13 +14,13 @@ from typing import Dict
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts"), str(REPO / "tests")]
 
 SHARED_AUDIO = Path(os.environ.get("WHISPER_SHARED_AUDIO", REPO.parent / "shared" / "audio"))
 MODELS_DIR = REPO / "whisper-models"
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
 
-from local_service import Service, free_port, running_service, start_service  # noqa: E402,F401  (scripts/ is on the path now)
+from local_service import SESSIONS, Service, free_port, running_service, session_processes, start_service  # noqa: E402,F401  (scripts/ is on the path now)
 
 
 def missing(reason: str):
@@ -30,6 +30,16 @@ def missing(reason: str):
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set: missing inputs fail instead of skipping)", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_service_process_survives():
+    """After the whole suite, no process of any TorchServe a test started is alive: every
+    fixture stops its service, workers that replaced killed ones included."""
+    yield
+    survivors = {session: session_processes(session) for session in SESSIONS}
+    survivors = {session: pids for session, pids in survivors.items() if pids}
+    assert not survivors, f"processes of stopped test services are still running: {survivors}"
 
 
 @pytest.fixture(scope="session")

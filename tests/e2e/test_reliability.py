@@ -40,7 +40,7 @@ import requests
 import soundfile as sf
 import soxr
 
-from conftest import PYTHON, REPO, running_service
+from conftest import PYTHON, REPO, running_service, session_processes
 from scoring import normalize, score
 
 pytestmark = pytest.mark.e2e
@@ -330,9 +330,11 @@ def test_same_worker_transcribes_after_all_bad_inputs(service, first_worker):
 LIMITS_ENV = {
     "WHISPER_MAX_DURATION_S": "60",
     "TS_MAX_REQUEST_SIZE": str(3 * 1024 * 1024),  # JFK (1.1 MB) passes, 4 MB does not
-    # Any model-runner call (encoder pass, decode batch) with more than one window raises
-    # an injected out-of-memory error.
-    "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "1",
+    # The worker's runner is wrapped in tests/fault_runner.py's FaultInjectingRunner
+    # (tests/fault_injection/sitecustomize.py): any start of windows that would put more
+    # than one in the decode batch raises torch's OutOfMemoryError.
+    "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "fault_injection"),
+    "WHISPER_TEST_OOM_ABOVE_WINDOWS": "1",
 }
 OOM_SPLIT = re.compile(r"out of memory with (\d+) windows: step split, window budget now (\d+)")
 
@@ -368,7 +370,7 @@ def test_body_over_max_request_size_is_413_from_torchserve(limits_service):
 
 
 def test_injected_oom_splits_the_step_and_lowers_the_budget(limits_service):
-    """WHISPER_FAULT_OOM_ABOVE_WINDOWS=1: four 11 s requests at once put more than one
+    """A fault-injecting runner (limit 1): four 11 s requests at once put more than one
     window into a model call, which fails; the engine splits the step, lowers its window
     budget to 1 (logged), and all four get the right text from the same worker. Four more
     afterwards run within the lowered budget: right again, and no new out-of-memory error."""
@@ -694,6 +696,16 @@ def test_job_queue_does_not_bound_the_requests_in_flight(faults_service, shared_
         assert_1813(response)
     assert long_response.status_code == 200, long_response.text[:300]
     assert all(done < long_done for _, done in short_results)
+
+
+def test_stopping_a_service_whose_worker_was_replaced_leaves_no_process(faults_service, killed_worker):
+    """The last test of this service: serve.sh --stop ends the frontend, the replacement
+    worker and anything else of its session; nothing is left for the fixture to kill."""
+    session = faults_service.session
+    assert session and session_processes(session), "the service's processes were not found"
+    done = faults_service.stop()
+    assert done.returncode == 0, done.stderr
+    assert done.leftovers == [] and session_processes(session) == []
 
 
 # --- soak ------------------------------------------------------------------------------
