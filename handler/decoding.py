@@ -16,7 +16,7 @@ batch.
 
 import logging
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -532,30 +532,3 @@ class DecodeBatch:
         self.state["done"].index_fill_(0, src, True)  # the old slots become idle rows
         for a, b in zip(movers, holes):
             self.slots[b], self.slots[a] = self.slots[a], None
-
-
-@torch.no_grad()
-def decode_windows(
-    model,
-    audio_features: Tensor,
-    initial_tokens: Sequence[Sequence[int]],
-    tokenizer: Tokenizer,
-    rules: TokenRules,
-    temperatures: Union[float, Sequence[float]] = 0.0,
-    max_new_tokens: Optional[int] = None,
-    generators: Optional[Sequence[Optional[torch.Generator]]] = None,
-    tokens_per_step: int = 16,
-    cuda_graphs: Optional[bool] = None,
-) -> List[DecodedWindow]:
-    """Decode each row of `audio_features` (n_rows, n_audio_ctx, n_state) after its own
-    `initial_tokens` to its end, all rows in one DecodeBatch; results in row order."""
-    n_rows = audio_features.shape[0]
-    if isinstance(temperatures, (int, float)):
-        temperatures = [float(temperatures)] * n_rows
-    batch = DecodeBatch(model, tokenizer, rules, max_new_tokens, cuda_graphs=cuda_graphs)
-    batch.add(audio_features, initial_tokens, temperatures, generators or [None] * n_rows, range(n_rows))
-    results: List[Optional[DecodedWindow]] = [None] * n_rows
-    while len(batch):
-        for row, result in batch.step(tokens_per_step):
-            results[row] = result
-    return results

@@ -1,10 +1,13 @@
-"""The model runner: the only part of the engine that touches torch and the device.
+"""The model runner: executes the scheduler's plans on the device.
 
-The scheduler (engine.py) asks it to compute a request's log-mel, encode these windows,
-detect their language, start decoding these windows at these temperatures, decode the
-running windows some tokens further (returning those that ended), and time their words.
-It knows nothing of streams, requests or fairness. The decode batch is its one piece of
-state: `reset` drops it (after a failure) and hands back the tags of its rows.
+The engine loop (engine.py) hands it the windows to start (`WindowJob`s from scheduler.py:
+encode them, or reuse a kept encoder output, detect languages, build prompts, join the
+decode batch), asks it to decode the running windows some tokens further (returning those
+that ended) and to time the words of committed windows. It knows nothing of streams,
+requests or fairness; it owns the tensors: the requests' log-mels, the encoder outputs of
+the windows in flight, and the decode batch (decoding.py). `reset` drops the batch (after
+a failure) and hands back the ids of its windows. Also here: the device layout of the
+model and the GPU window budget.
 """
 
 import copy
@@ -12,7 +15,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,7 +26,6 @@ from whisper.timing import add_word_timestamps, dtw
 from whisper.tokenizer import LANGUAGES, get_tokenizer
 
 from decoding import DecodeBatch, DecodedWindow, TokenRules
-from oom import InjectedOutOfMemory
 
 
 ENCODER_BACKENDS = ("torch", "onnxruntime")  # onnxruntime: cpu, fp32 (onnx_encoder.py)
@@ -33,13 +35,13 @@ MAX_GPU_WINDOW_BUDGET = 1024  # windows per step on a GPU with the memory for th
 MAX_ENCODER_BATCH = 256  # windows per encoder call (its activations grow with the call)
 
 
-def gpu_window_budget(device: torch.device, dims, mel_seconds: float = 0.0, fraction: float = 0.5) -> int:
+def gpu_window_budget(device, dims, mel_seconds: float = 0.0, fraction: float = 0.5) -> int:
     """Windows per step that fit in `fraction` of the GPU memory still free, after the
     fp32 log-mels of `mel_seconds` of admitted audio (whole requests stay on the device):
     per window the fp16 cross-attention keys/values of every decoder layer, the fixed
     self-attention cache, the encoder output kept for a retry, the encoder's widest
     activations (the MLP, 4x the width) and a step's fp32 logits and their copies."""
-    free, _ = torch.cuda.mem_get_info(device)
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
     mels = mel_seconds * FRAMES_PER_SECOND * dims.n_mels * 4
     cross = 2 * dims.n_text_layer * dims.n_audio_ctx * dims.n_text_state * 2
     self_cache = 2 * dims.n_text_layer * dims.n_text_ctx * dims.n_text_state * 2
@@ -118,13 +120,34 @@ class _Replayed:
         return self.logits[None]
 
 
-class ModelRunner:
-    """Encode and decode windows of one Whisper model on one device."""
+@dataclass(frozen=True)
+class StartOutput:
+    """What starting a plan's windows did."""
 
-    def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 encoder_batch: int = 2, max_new_tokens: int = 224, oom_above_windows: int = 0,
+    languages: Dict[int, str]  # window id -> the language it is decoded in
+    encoded: int  # windows that went through the encoder (the others reused a kept output)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelRunner:
+    """Runs one Whisper model on one device for the engine: the part of the batched engine
+    that touches torch (with decoding.py and onnx_encoder.py beneath it). It holds the requests' log-mels (by Request.serial), the encoder
+    outputs of the windows in flight (by window id) and the decode batch.
+
+        runner.add_audio(serial, audio)      # the log-mel, computed in the caller's thread
+        runner.start(jobs) -> StartOutput    # encode, detect languages, build prompts, join
+        runner.decode(tokens) -> [(window id, DecodedWindow)]   # rows that ended
+        runner.time_words(jobs) -> [segments with words]
+        runner.release(windows=..., requests=...)
+    """
+
+    def __init__(self, model, device: str = "cpu", precision: Union[str, torch.dtype] = torch.float32,
+                 encoder_batch: int = 2, max_new_tokens: int = 224,
                  timing_syncs: bool = False, encoder_backend: str = "torch",
                  low_precision_layernorm: Optional[bool] = None, cuda_graphs: bool = True):
+        dtype = PRECISIONS[precision] if isinstance(precision, str) else precision
         self.device = torch.device(device)
         self.dtype = dtype
         self.cuda_graphs = cuda_graphs
@@ -142,10 +165,10 @@ class ModelRunner:
 
             self._encoder = OnnxEncoder(self.model.encoder, torch.get_num_threads())
         self.dims = self.model.dims
+        self.n_text_ctx = self.dims.n_text_ctx
+        self.is_multilingual = self.model.is_multilingual
         self.encoder_batch = encoder_batch
         self.max_new_tokens = max_new_tokens
-        # tests only: a call with more windows than this raises an injected OOM (0: off)
-        self.oom_above_windows = oom_above_windows
         # wait for the device in clock() (exact phase times on cuda, one sync per phase)
         self.timing_syncs = timing_syncs
         self.languages = tuple(LANGUAGES)[: self.model.num_languages] if self.model.is_multilingual else ("en",)
@@ -153,6 +176,8 @@ class ModelRunner:
         self.rules = TokenRules(self.tokenizer("en", "transcribe"), self.dims.n_vocab,
                                 self.dims.n_audio_ctx, self.device)
         self.batch = self._new_batch()
+        self._mels: Dict[int, torch.Tensor] = {}  # Request.serial -> log-mel (added from callers' threads)
+        self._features: Dict[int, torch.Tensor] = {}  # window id -> encoder output
         # layer -> its alignment heads (whisper's cross-attention heads that follow the words)
         self._alignment_heads = {}
         for layer, head in self.model.alignment_heads.indices().T.tolist():
@@ -176,11 +201,6 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _check_size(self, n: int) -> None:
-        if self.oom_above_windows and n > self.oom_above_windows:
-            raise InjectedOutOfMemory(f"injected out of memory: {n} windows in one call, "
-                                      f"limit {self.oom_above_windows}")
-
     @torch.no_grad()
     def mel(self, audio: np.ndarray) -> torch.Tensor:
         """(n_mels, frames + N_FRAMES): like transcribe, the log-mel of the whole audio plus
@@ -195,7 +215,6 @@ class ModelRunner:
         """Windows (each (n_mels, <= N_FRAMES), padded here) -> (n, n_audio_ctx, n_audio_state),
         `encoder_batch` windows per encoder call (on CPU larger calls are slower per window:
         the attention maps leave the cache)."""
-        self._check_size(len(mels))
         mel = torch.stack([pad_or_trim(m, N_FRAMES) for m in mels]).to(self.dtype)
         step = self.encoder_batch
         return torch.cat([self._encoder(mel[i: i + step]) for i in range(0, len(mel), step)]).to(self.dtype)
@@ -207,32 +226,87 @@ class ModelRunner:
         _, probs = self.model.detect_language(features, self.tokenizer(None, "transcribe"))
         return [max(allowed or p, key=p.get) for p, allowed in zip(probs, candidates)]
 
-    def start(self, features: torch.Tensor, initial_tokens: Sequence[Sequence[int]],
-              temperatures: Sequence[float], seeds: Sequence[int], tags: Sequence) -> None:
-        """Add windows to the decode batch, each after its own initial tokens at its own
-        temperature; a sampled window draws from a generator on the device seeded with its
-        own seed."""
-        self._check_size(len(self.batch) + len(tags))
-        generators = [torch.Generator(self.device).manual_seed(seed) if t > 0 else None
-                      for t, seed in zip(temperatures, seeds)]
-        self.batch.add(features, initial_tokens, list(temperatures), generators, list(tags))
+    # ------------------------------------------------------------------ the engine's calls
 
-    def step(self, tokens: int) -> List[Tuple[object, DecodedWindow]]:
-        """Decode every running window up to `tokens` further; (tag, result) of those that ended."""
+    def add_audio(self, serial: int, audio: np.ndarray) -> int:
+        """Keep the log-mel of a request's audio (float32 16 kHz samples) for its windows;
+        returns its length in mel frames (the audio's plus N_FRAMES of padding)."""
+        mel = self.mel(audio)
+        self._mels[serial] = mel
+        return mel.shape[-1]
+
+    def release(self, windows: Sequence[int] = (), requests: Sequence[int] = ()) -> None:
+        """Forget the encoder outputs of windows that committed or failed, and the log-mels
+        of requests that are done."""
+        for window_id in windows:
+            self._features.pop(window_id, None)
+        for serial in requests:
+            self._mels.pop(serial, None)
+
+    @torch.no_grad()
+    def start(self, jobs: Sequence) -> StartOutput:
+        """Encode the jobs' windows (or reuse the encoder outputs kept for windows going round
+        again), detect the language of requests that gave none (each request's first window
+        decides), and add the windows to the decode batch after their prompts (whisper's
+        initial tokens: <|startofprev|> and the previous text, then the SOT sequence), each at
+        its temperature, a sampled one drawing from a generator seeded with its seed."""
+        try:
+            new = [job for job in jobs if job.window_id not in self._features]
+            mels = [self._mels[job.request][:, job.seek: job.seek + job.size] for job in new]
+            encoded = iter(self.encode(mels) if new else [])
+            features = torch.stack([self._features[job.window_id] if job.window_id in self._features
+                                    else next(encoded) for job in jobs])
+            languages = [job.language for job in jobs]
+            unknown = [i for i, lang in enumerate(languages) if lang is None]
+            if unknown:
+                detected = self.detect_language(features[unknown], [jobs[i].languages for i in unknown])
+                first: Dict[int, str] = {}
+                for i, lang in zip(unknown, detected):  # the request's first row decides
+                    languages[i] = first.setdefault(jobs[i].request, lang)
+            initial = []
+            for job, lang in zip(jobs, languages):
+                tokenizer = self.tokenizer(lang, job.task)
+                initial.append(([tokenizer.sot_prev, *job.prompt] if job.prompt else []) + list(tokenizer.sot_sequence))
+            generators = [torch.Generator(self.device).manual_seed(job.seed) if job.temperature > 0 else None
+                          for job in jobs]
+            self.batch.add(features, initial, [job.temperature for job in jobs], generators,
+                           [job.window_id for job in jobs])
+        except BaseException:
+            self._after_failure()
+            raise
+        for job, window_features in zip(jobs, features):
+            self._features[job.window_id] = window_features
+        return StartOutput({job.window_id: lang for job, lang in zip(jobs, languages)}, len(new))
+
+    def decode(self, tokens: int) -> List[Tuple[int, DecodedWindow]]:
+        """Decode every running window up to `tokens` further; (window id, result) of those
+        that ended, which leave the batch. On an error the caller resets the batch."""
         return self.batch.step(tokens)
 
     @property
-    def decoding(self) -> List:
-        """Tags of the windows in the decode batch."""
+    def decoding(self) -> List[int]:
+        """Ids of the windows in the decode batch."""
         return list(self.batch.tags)
 
-    def reset(self) -> List:
-        """Drop the decode batch (after a failure); returns the tags it held."""
+    def reset(self) -> List[int]:
+        """Drop the decode batch (after a failure); returns the ids of the windows it held."""
         tags = list(self.batch.tags)
         self.batch = self._new_batch()
+        self._after_failure()
+        return tags
+
+    def _after_failure(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return tags
+
+    def time_words(self, jobs: Sequence) -> List[List[dict]]:
+        """Word timestamps of the jobs' segments (outputs.WordTimingJob): per job a copy of
+        its segments with whisper.timing's `words` added and edges moved."""
+        windows = [AlignmentWindow([dict(s) for s in job.segments], self._features[job.window_id], job.num_frames,
+                                   self.tokenizer(job.language, job.task), job.last_speech_timestamp)
+                   for job in jobs]
+        self.add_word_timestamps(windows)
+        return [w.segments for w in windows]
 
     @torch.no_grad()
     def add_word_timestamps(self, windows: Sequence[AlignmentWindow]) -> None:
@@ -244,7 +318,6 @@ class ModelRunner:
                 for w, text in zip(windows, texts) if text]
         for start in range(0, len(rows), ALIGN_GROUP):
             group = rows[start: start + ALIGN_GROUP]
-            self._check_size(len(group))
             width = max(len(tokens) for tokens, _ in group)
             tokens = torch.tensor([tokens + [w.tokenizer.eot] * (width - len(tokens)) for tokens, w in group],
                                   device=self.device)

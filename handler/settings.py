@@ -22,13 +22,13 @@ class HandlerSettings:
     default_mode: str = "batched"  # or "sequential" (whisper's transcribe)
     window_budget: int = 0  # windows per engine step; 0 = from the device
     max_inflight_audio_s: float = 28800.0  # audio admitted at once; beyond it 503 + Retry-After
+    max_sequential_waiting: int = 1  # mode=sequential requests waiting behind the running one; beyond, 503
     cpu_threads: int = 0  # 0 = the worker's share of the cores
     cpu_precision: str = "auto"
     cpu_encoder: str = "auto"
     cuda_graphs: bool = True  # GPU: replay the decode step as CUDA graphs (off: eager)
     split_long: str = "auto"  # cut long files into pieces decoded side by side
     log_transcripts: bool = False  # transcripts are user data
-    fault_injection_oom_above_windows: int = 0  # tests only: 0 = off
 
     @classmethod
     def from_yaml(cls, values: Optional[Mapping]) -> "HandlerSettings":
@@ -114,5 +114,5 @@ HANDLER_ENV = {
     "WHISPER_CPU_ENCODER": "cpu_encoder",
     "WHISPER_CUDA_GRAPHS": "cuda_graphs",
     "WHISPER_SPLIT_LONG": "split_long",
-    "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "fault_injection_oom_above_windows",
+    "WHISPER_MAX_SEQUENTIAL_WAITING": "max_sequential_waiting",
 }

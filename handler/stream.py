@@ -24,10 +24,11 @@ text). Inside speech and across short pauses, windows advance by Whisper's own t
 """
 
 import bisect
+import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from whisper.audio import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from whisper.utils import get_end
@@ -36,8 +37,14 @@ from formats import Segment, Transcript, Word
 from windows import (FRAMES_PER_SECOND, Thresholds, best_attempt, is_silence, needs_fallback, parse_window,
                      skip_hallucinated_silence)
 
+# Voice activity: a pause at least this long between speech spans (or non-speech up to the
+# end) is never decoded; a window holding less speech than this is not decoded (the residue
+# after the last complete segment, where Whisper invents text).
+LONG_PAUSE_S = 3.0
+MIN_WINDOW_SPEECH_S = 0.5
 
-@dataclass
+
+@dataclass(frozen=True)
 class Proposal:
     """What one decoded window would do to its stream, before word timing and commit."""
 
@@ -58,8 +65,6 @@ class Stream:
     before `clip_end` (where the next stream of the same request begins). Windows are not
     truncated at clip_end, so speech just before the cut is decoded in full context."""
 
-    request: "Request"
-    piece: int  # position among the request's streams
     clip_start: int  # mel frames
     clip_end: int
     content_frames: int  # of the whole request
@@ -77,8 +82,8 @@ class Stream:
     windows: int = 0  # windows committed
     # voice activity: sorted, disjoint (start, end) mel frames of speech; None: all is speech
     speech: Optional[Sequence[Tuple[int, int]]] = None
-    long_pause: int = 3 * FRAMES_PER_SECOND  # a pause this long is not decoded (frames)
-    min_window_speech: int = FRAMES_PER_SECOND // 2  # less speech than this: the window is skipped
+    long_pause: int = round(LONG_PAUSE_S * FRAMES_PER_SECOND)  # a pause this long is not decoded (frames)
+    min_window_speech: int = round(MIN_WINDOW_SPEECH_S * FRAMES_PER_SECOND)  # less speech: the window is skipped
     # whisper's hallucination_silence_threshold (seconds; needs word_timestamps): skip the
     # silence around a suspected hallucination (windows.skip_hallucinated_silence)
     hallucination_silence_threshold: Optional[float] = None
@@ -254,23 +259,33 @@ class Stream:
         return segments
 
 
+class RequestStatus(enum.Enum):
+    QUEUED = "queued"  # submitted, not yet taken up by the scheduler
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
 @dataclass(eq=False)
 class Request:
-    """One upload in the engine: its options, its streams, and its answer.
+    """One upload in the engine: its options, its streams, and where it stands.
 
-    `on_segments` (optional) is called with each batch of newly committed segments, in
-    order of time and with their final ids, as soon as every earlier segment is known."""
+    Made by the engine when it is submitted; from then on written by the engine's thread
+    only (the scheduler moves its status, windows and language; the output processor its
+    emitted-segment counts)."""
 
-    id: str
+    id: str  # the caller's id (logs)
+    serial: int  # unique in the engine: the runner keys the request's log-mel by it
     audio: Any  # float32 samples at 16 kHz
     options: Any  # TranscriptionOptions
-    arrived: float = field(default_factory=time.monotonic)
-    language: Optional[str] = None  # None until detected
-    mel: Any = None  # log-mel of the whole audio plus 30 s of padding (the runner's tensor)
     content_frames: int = 0
     speech: Optional[List[Tuple[int, int]]] = None  # speech spans in mel frames (vad.py); None: no VAD
+    prompt_tokens: Tuple[int, ...] = ()  # the `prompt` option's tokens
+    arrived: float = field(default_factory=time.monotonic)
+    language: Optional[str] = None  # None until detected
+    status: RequestStatus = RequestStatus.QUEUED
     streams: List[Stream] = field(default_factory=list)
-    on_segments: Optional[Callable[[List[Segment]], None]] = None
+    windows: List[Any] = field(default_factory=list)  # the scheduler's: each stream's next window (None: done)
     first_window_at: Optional[float] = None
     error: Optional[BaseException] = None
     _emitted: List[int] = field(default_factory=list)  # per stream: segments already emitted
@@ -280,8 +295,8 @@ class Request:
         return len(self.audio) / SAMPLE_RATE
 
     @property
-    def done(self) -> bool:
-        return self.error is not None or all(s.done for s in self.streams)
+    def streams_done(self) -> bool:
+        return all(s.done for s in self.streams)
 
     def ready_segments(self) -> List[dict]:
         """Segments committed since the last call whose earlier segments are all known:

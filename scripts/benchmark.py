@@ -55,7 +55,7 @@ def compare_peer(engine, files, model_path: str, threads: int, batch_size: int) 
     print("[peer table] engine ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     transcripts = engine.transcribe([(audios[e.file], TranscriptionOptions()) for e in entries])
-    rows.append((f"this engine, {engine.config.dtype}, all files at once", time.perf_counter() - started,
+    rows.append((f"this engine, {engine.config.precision}, all files at once", time.perf_counter() - started,
                  {e.file: t.text for e, t in zip(entries, transcripts)}))
     rows += peer.run_settings(model_dir, entries, audios, threads, batch_size)
     print(f"\n{len(entries)} files, {audio_s:.1f} s of audio; same weights: "

@@ -125,49 +125,6 @@ def pack(args) -> int:
 # --------------------------------------------------------------------------- run (there)
 
 
-class HostSyncs:
-    """Counts the tensor calls that make the host wait for the device (item, tolist, cpu,
-    numpy, bool/int/float of a tensor, nonzero) inside a `with` block; on CUDA the same
-    calls are the syncs, so the count is meaningful on CPU too."""
-
-    SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
-
-    def __init__(self):
-        import torch
-
-        class Mode(torch.overrides.TorchFunctionMode):
-            def __torch_function__(mode, func, types, args=(), kwargs=None):
-                if self.counting and getattr(func, "__name__", "") in self.SYNCS:
-                    self.calls.append(func.__name__)
-                return func(*args, **(kwargs or {}))
-
-        self.calls, self.counting, self._mode = [], True, Mode()
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
-
-
-def syncs_in_token_loop(batch, tokens: int) -> list:
-    """The host syncs of `batch.step(tokens)` before its end-of-chunk read (_retire)."""
-    counter, retire = HostSyncs(), batch._retire
-
-    def retire_uncounted(*args):
-        counter.counting = False
-        return retire(*args)
-
-    batch._retire = retire_uncounted
-    try:
-        with counter:
-            batch.step(tokens)
-    finally:
-        batch._retire = retire
-    return counter.calls
-
-
 def timed(fn, device, repeat: int = 3) -> float:
     """Best of `repeat` seconds of fn() after one warm-up call."""
     import torch
@@ -198,7 +155,8 @@ def check_correctness(checkpoint: Path, files, device, rows: dict) -> None:
     import whisper
 
     from checkpoint import load_whisper
-    from decoding import TokenRules, decode_windows
+    from decode_checks import decode_windows
+    from decoding import TokenRules
     from engine import Engine, EngineConfig
     from options import TranscriptionOptions
     from runner import ModelRunner
@@ -252,6 +210,7 @@ def check_syncs(checkpoint: Path, files, device, rows: dict) -> None:
     import whisper
 
     from checkpoint import load_whisper
+    from decode_checks import syncs_in_token_loop
     from decoding import DecodeBatch, TokenRules
 
     model = load_whisper(str(checkpoint), device)

@@ -98,11 +98,11 @@ def main(argv=None) -> int:
         for rows in (1, 4, 16):
             def decode_16_tokens():
                 runner.reset()
-                runner.start(features.expand(rows, -1, -1), [initial] * rows, [0.0] * rows, [0] * rows,
-                             list(range(rows)))
+                runner.batch.add(features.expand(rows, -1, -1), [initial] * rows, [0.0] * rows, [None] * rows,
+                                 list(range(rows)))
                 runner.batch.horizon = 16  # decode 16 tokens whatever the rows sample
                 started = time.perf_counter()
-                runner.step(16)
+                runner.decode(16)
                 return time.perf_counter() - started
             decode_16_tokens()
             per_token[rows] = 1000 * min(decode_16_tokens() for _ in range(args.repeat)) / 16
@@ -110,9 +110,9 @@ def main(argv=None) -> int:
                                                    for r, ms in per_token.items()), flush=True)
         if not args.no_ops:
             runner.reset()
-            runner.start(features.expand(16, -1, -1), [initial] * 16, [0.0] * 16, [0] * 16, list(range(16)))
+            runner.batch.add(features.expand(16, -1, -1), [initial] * 16, [0.0] * 16, [None] * 16, list(range(16)))
             runner.batch.horizon = 8
-            print(f"[{name}] decode, 16 rows, top ops: {top_ops(lambda: runner.step(8))}")
+            print(f"[{name}] decode, 16 rows, top ops: {top_ops(lambda: runner.decode(8))}")
             print(f"[{name}] encoder pair, top ops: {top_ops(lambda: runner.encode(pair))}", flush=True)
         runner.reset()
     return 0

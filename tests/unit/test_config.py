@@ -67,7 +67,7 @@ def test_settings_defaults():
     assert HandlerSettings.from_yaml(None) == HandlerSettings.from_yaml({}) == HandlerSettings()
     settings = HandlerSettings()
     assert settings.checkpoint_file == "whisper_base.pth"
-    assert (settings.window_budget, settings.fault_injection_oom_above_windows) == (0, 0)
+    assert (settings.window_budget, settings.max_sequential_waiting) == (0, 1)
     assert settings.cpu_bf16 is None and settings.log_transcripts is False
 
 
@@ -174,7 +174,7 @@ def test_render_handler_env_overrides(render_module, template):
     env = {
         "WHISPER_MAX_DURATION_S": "30", "WHISPER_DEFAULT_MODE": "sequential", "WHISPER_WINDOW_BUDGET": "12",
         "WHISPER_MAX_INFLIGHT_AUDIO_S": "3600", "WHISPER_CPU_PRECISION": "fp32",
-        "WHISPER_CPU_ENCODER": "torch", "WHISPER_FAULT_OOM_ABOVE_WINDOWS": "2", "WHISPER_CUDA_GRAPHS": "false",
+        "WHISPER_CPU_ENCODER": "torch", "WHISPER_MAX_SEQUENTIAL_WAITING": "2", "WHISPER_CUDA_GRAPHS": "false",
         "WHISPER_SPLIT_LONG": "off",
     }
     assert set(env) == set(HANDLER_ENV)  # every variable, each once
@@ -184,10 +184,9 @@ def test_render_handler_env_overrides(render_module, template):
     assert handler["max_inflight_audio_s"] == 3600.0 and handler["cpu_precision"] == "fp32"
     assert handler["cpu_encoder"] == "torch" and handler["cuda_graphs"] is False
     assert handler["split_long"] == "off"
-    assert handler["fault_injection_oom_above_windows"] == 2
-    assert template["handler"]["fault_injection_oom_above_windows"] == 0
-    # only the template's keys, typed: what the handler reads back unchanged
-    assert sorted(handler) == sorted(template["handler"])
+    assert handler["max_sequential_waiting"] == 2
+    # the template's keys and the ones set, typed: what the handler reads back unchanged
+    assert sorted(handler) == sorted(set(template["handler"]) | {HANDLER_ENV[name] for name in env})
     assert HandlerSettings.from_yaml(yaml.safe_load(yaml.safe_dump(handler))).window_budget == 12
 
 
@@ -204,7 +203,7 @@ def test_render_script_writes_the_archive_config(tmp_path):
 
 
 @pytest.mark.parametrize("values", [{"window_budget": -1}, {"max_duration_s": 0}, {"max_inflight_audio_s": -5},
-                                    {"cpu_threads": -2}, {"fault_injection_oom_above_windows": -1},
+                                    {"cpu_threads": -2}, {"max_sequential_waiting": -1},
                                     {"window_budget": 2.5}])
 def test_out_of_range_settings_are_rejected(values):
     with pytest.raises(ValueError):

@@ -10,8 +10,8 @@ from conftest import SHARED_AUDIO as AUDIO
 whisper = pytest.importorskip("whisper")
 from whisper.tokenizer import get_tokenizer  # noqa: E402
 
-from decoding import DecodeBatch, TokenRules, decode_windows  # noqa: E402
-from gpu_check import HostSyncs, syncs_in_token_loop  # noqa: E402  (scripts/)
+from decoding import DecodeBatch, TokenRules  # noqa: E402
+from decode_checks import HostSyncs, decode_windows, syncs_in_token_loop  # noqa: E402  (scripts/)
 
 FILES = ["jfk/jfk.flac", "english/mfa_acoustic_corpus.wav", "english/LJ002-0020.wav",
          "librispeech/test-clean/1221-135766-0001.wav"]
@@ -164,10 +164,10 @@ def test_the_gpu_layout_decodes_as_fp32_on_cpu(model, mels, layernorm):
             dtype if low else torch.float32}
         features = runner.encode(list(mels))
         sot = list(runner.tokenizer("en", "transcribe").sot_sequence)
-        runner.start(features, [sot] * len(mels), [0.0] * len(mels), [0] * len(mels), range(len(mels)))
+        runner.batch.add(features, [sot] * len(mels), [0.0] * len(mels), [None] * len(mels), range(len(mels)))
         done = {}
         while runner.decoding:
-            done.update((tag, result.tokens) for tag, result in runner.step(16))
+            done.update((tag, result.tokens) for tag, result in runner.decode(16))
         return [done[k] for k in range(len(mels))]
 
     assert tokens(torch.float16) == tokens(torch.float32)

@@ -15,7 +15,6 @@ admitted in the same step.
 """
 
 import threading
-import time
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -28,10 +27,12 @@ from conftest import SHARED_AUDIO as AUDIO
 whisper = pytest.importorskip("whisper")
 
 from audio import decode_audio  # noqa: E402
-from engine import Engine, EngineConfig  # noqa: E402
-from errors import InternalError, OutOfMemory, Overloaded  # noqa: E402
+from engine import Engine, EngineConfig, model_runner  # noqa: E402
+from errors import InternalError, OutOfMemory  # noqa: E402
+from fault_runner import FaultInjectingRunner  # noqa: E402
 from options import TranscriptionOptions  # noqa: E402
 from scoring import normalize  # noqa: E402
+from windows import Thresholds  # noqa: E402
 
 JFK = "jfk/jfk.flac"  # 11 s, one window
 OSR = "english/OSR_us_000_0034_8k.wav"  # 35.5 s, two windows
@@ -56,8 +57,12 @@ def engine(model):
 
 
 @contextmanager
-def closing(model, **config):
-    e = Engine(model, EngineConfig(**{**FP32, **config}))
+def closing(model, oom_above_windows=0, **config):
+    config = EngineConfig(**{**FP32, **config})
+    runner = None
+    if oom_above_windows:
+        runner = FaultInjectingRunner(model_runner(model, config.resolved(model.dims)), oom_above_windows)
+    e = Engine(model, config, runner=runner)
     try:
         yield e
     finally:
@@ -96,17 +101,21 @@ def alone(engine, name):
 
 
 class Steps:
-    """on_step listener: the reports, and the step count at which each future resolved."""
+    """The engine's step reports, and the step count at which each future resolved."""
 
-    def __init__(self):
-        self.reports = []
+    def __init__(self, engine):
+        self.engine = engine
+        self._reports = []
 
-    def __call__(self, report):
-        self.reports.append(report)
+    @property
+    def reports(self):
+        while not self.engine.reports.empty():
+            self._reports.append(self.engine.reports.get_nowait())
+        return self._reports
 
     def done_at(self, future):
         box = {}
-        future.add_done_callback(lambda f: box.setdefault("step", len(self.reports)))
+        future.add_done_callback(lambda f: box.setdefault("step", self.engine.stats["steps"]))
         return box
 
 
@@ -133,7 +142,7 @@ def test_batched_equals_sequential_on_real_speech(engine):
 def test_bf16_on_cpu_stays_close_to_fp32(engine, model):
     fp32 = alone(engine, OSR)
     with closing(model, cpu_bf16=True) as bf16_engine:
-        assert bf16_engine.config.dtype == torch.bfloat16
+        assert bf16_engine.config.precision == "bf16" and bf16_engine.runner.dtype == torch.bfloat16
         bf16 = bf16_engine.transcribe([(load(OSR), OPTIONS)])[0].text
     assert next(model.parameters()).dtype == torch.float32  # the loaded model was not cast
     ref, got = words(fp32), words(bf16)
@@ -147,12 +156,13 @@ def two_utterances(model):
     streams decoded side by side (with the steps' reports)."""
     audio = np.concatenate([load(JFK), np.zeros(16000, dtype=np.float32),
                             load("librispeech/test-clean/1221-135766-0001.wav")])
-    steps = Steps()
     with closing(model, split_long=True, min_stream_seconds=12) as e:
-        e.on_step = steps
+        steps = Steps(e)
         cut = e.transcribe([(audio, OPTIONS)])[0]
+        e.wait_idle()
         windows = e.stats["encoder_windows"]
-    return audio, cut, steps.reports, windows
+        reports = steps.reports
+    return audio, cut, reports, windows
 
 
 def test_long_request_cut_into_streams_loses_and_repeats_nothing(engine, two_utterances):
@@ -230,43 +240,12 @@ def test_a_failing_word_timing_call_is_retried_window_by_window(engine, model):
 # ---------------------------------------------------------------------------- scheduling
 
 
-def test_arrivals_during_a_step_join_the_next_step(engine, model):
-    steps = Steps()
-    with closing(model) as e:
-        e.on_step = steps
-        e.transcribe([(load(JFK), OPTIONS)])
-        deadline = time.monotonic() + 60
-        while not (steps.reports and steps.reports[-1].requests == 0) and time.monotonic() < deadline:
-            time.sleep(0.002)  # the last step's report may come after the answer
-        alone_steps = len(steps.reports)  # steps (chunks of tokens) jfk takes alone
-        steps.reports.clear()
-        long = e.submit(load(LONG)[: 60 * 16000], OPTIONS)  # 60 s: two or three windows
-        long_done = steps.done_at(long)
-        while not steps.reports and time.monotonic() < deadline:
-            time.sleep(0.002)
-        arrived_at = len(steps.reports)  # it arrives during step `arrived_at` (0-based) or before it
-        short = e.submit(load(JFK), OPTIONS)
-        short_done = steps.done_at(short)
-        text = short.result(timeout=120)
-        assert not long.done()  # no head-of-line blocking: the long one still has windows left
-        long.result(timeout=120)
-    assert steps.reports[0].first_window_waits  # the long one's
-    first = [i for i, r in enumerate(steps.reports) if i > 0 and r.first_window_waits]
-    assert first and first[0] in (arrived_at, arrived_at + 1), (arrived_at, first)
-    assert steps.reports[first[0]].windows == 2  # the long one's window and the short one's
-    # as many steps as alone (the done callback may come a step late)
-    assert short_done["step"] - first[0] <= alone_steps + 1, (first, short_done, alone_steps)
-    assert long_done["step"] - short_done["step"] >= 2 * alone_steps
-    assert text.text == alone(engine, JFK)
-
-
 def test_short_requests_are_not_held_back_by_a_long_one(engine, model):
     # two pieces of about 70 s (three or four windows each) fill both places of the decode
     # batch; a place that frees up while short requests wait must go to one of them (the long
     # one already holds a window), not to the long one's next window
-    steps, decoded = Steps(), []
     with closing(model, window_budget=2, split_long=True, min_stream_seconds=30) as e:
-        e.on_step = lambda r: (steps(r), decoded.append(e.stats["decoded_windows"]))
+        steps = Steps(e)
         long = e.submit(load(LONG), OPTIONS)
         shorts = [e.submit(load(n), OPTIONS) for n in SHORT[:3]]
         done, unfinished_pieces = [steps.done_at(f) for f in shorts], []
@@ -274,49 +253,15 @@ def test_short_requests_are_not_held_back_by_a_long_one(engine, model):
             f.add_done_callback(lambda _: unfinished_pieces.append(e.load()["streams"]))
         texts = [f.result(timeout=120).text for f in shorts]
         assert not long.done()  # the rest of it is not needed here: close() drops it
-    assert max(r.windows for r in steps.reports) <= 2
-    assert steps.reports[0].windows == 2  # the long one's two pieces
-    freed = decoded.index(1)  # the first step in which one of them ended
+        reports = steps.reports
+    assert max(r.windows for r in reports) <= 2
+    assert reports[0].windows == 2  # the long one's two pieces
+    freed = next(r.step for r in reports if r.ended)  # the first step in which one of them ended
     last = max(d["step"] for d in done)
     # each short one starts as soon as a place frees up (about four steps each)
-    assert last <= freed + 1 + 4 * len(shorts), (freed, done)
+    assert last <= freed + 4 * len(shorts), (freed, done)
     assert unfinished_pieces[-1] == 2  # when the last one is done, neither piece of the long one is
     assert texts == [alone(engine, n) for n in SHORT[:3]]
-
-
-@pytest.mark.parametrize("where", ["encode", "step"])
-def test_one_failing_window_fails_only_its_request(engine, model, where):
-    # the runner raises whenever the marked request's window is in the call: its encoder
-    # call (split in halves down to the window) or a chunk of the decode batch (the batch is
-    # dropped and its windows run again one at a time)
-    names = [JFK, SHORT[0], SHORT[1]]
-    with closing(model) as e:
-        original = getattr(e.runner, where)
-
-        def failing(arg):
-            if where == "encode":
-                marked = any(m.shape[-1] == len(load(SHORT[0])) // 160 for m in arg)  # mel frames
-            else:
-                marked = any(s.request.id == "marked" for s in e.runner.decoding)
-            if marked:
-                raise ValueError("bad window")
-            return original(arg)
-
-        setattr(e.runner, where, failing)
-        with together(e):
-            futures = [e.submit(load(n), OPTIONS, request_id="marked" if n == SHORT[0] else None)
-                       for n in names]
-        with pytest.raises(InternalError) as raised:
-            futures[1].result(timeout=60)
-        assert raised.value.status == 500 and "bad window" in raised.value.message
-        assert futures[0].result(timeout=60).text == alone(engine, JFK)
-        assert futures[2].result(timeout=60).text == alone(engine, SHORT[1])
-        assert e.stats["failed_requests"] == 1 and e.stats["finished_requests"] == 2
-        assert e.stats["oom_splits"] == 0 and e.window_budget == e.config.window_budget
-        # and it keeps serving
-        setattr(e.runner, where, original)
-        assert e.transcribe([(load(SHORT[0]), OPTIONS)])[0].text == alone(engine, SHORT[0])
-        assert e.load()["requests"] == 0
 
 
 def test_out_of_memory_step_is_split_and_lowers_the_budget(engine, model):
@@ -328,7 +273,7 @@ def test_out_of_memory_step_is_split_and_lowers_the_budget(engine, model):
         futures = submit_together(e, [(load(n), OPTIONS) for n in names])
         texts = [f.result(timeout=120).text for f in futures]
         assert e.stats["oom_splits"] >= 1 and e.window_budget == 1
-        assert e.stats["failed_requests"] == 0
+        assert e.stats["failed_requests"] == 0 and e.runner.injected >= 1
     assert texts == [alone(engine, n) for n in names]
 
 
@@ -354,7 +299,7 @@ def test_cuts_of_a_long_request_do_not_depend_on_the_current_window_budget(model
     # current one, which an out-of-memory error lowers for good
     audio, before, _, windows = two_utterances
     with closing(model, split_long=True, min_stream_seconds=12) as e:
-        e.window_budget = 1  # what an out-of-memory error on two windows leaves
+        e.scheduler.window_budget = 1  # what an out-of-memory error on two windows leaves
         after = e.transcribe([(audio, OPTIONS)])[0]
         assert e.stats["encoder_windows"] == windows  # cut into the same two pieces
     assert after.text == before.text
@@ -375,13 +320,13 @@ def test_the_cuda_layout_on_cpu_transcribes_a_long_file_as_fp32(engine, model):
 
 def test_long_requests_arriving_together_share_the_budget_in_pieces(model, two_utterances):
     audio, alone, _, _ = two_utterances  # alone: two pieces
-    steps = Steps()
     with closing(model, split_long=True, min_stream_seconds=12, window_budget=2) as e:
-        e.on_step = steps
+        steps = Steps(e)
         with e._cond:  # both arrive before the loop looks
             futures = [e.submit(audio, OPTIONS), e.submit(audio.copy(), OPTIONS)]
         texts = [f.result().text for f in futures]
-    assert steps.reports[0].streams == 2  # one piece each: the two places of the budget
+        reports = steps.reports
+    assert reports[0].streams == 2  # one piece each: the two places of the budget
     assert texts[0] == texts[1] and words(texts[0]) == words(alone.text)
 
 
@@ -391,7 +336,7 @@ def test_sampling_does_not_depend_on_the_neighbours(model):
     schedule = (0.6, 1.0)
     sampled = TranscriptionOptions(temperature=schedule, seed=0)
     target = load(SHORT[0])  # 2.9 s; tiny.en's samples of it differ between seeds
-    with closing(model, compression_ratio_threshold=0.0) as e:
+    with closing(model, thresholds=Thresholds(compression_ratio=0.0)) as e:
         first = e.transcribe([(target, sampled)])[0]
         assert {k: e.stats[k] for k in ("encoder_windows", "decoded_windows", "fallback_windows")} == {
             "encoder_windows": 1, "decoded_windows": 2, "fallback_windows": 1}
@@ -407,36 +352,49 @@ def test_sampling_does_not_depend_on_the_neighbours(model):
 
 
 def test_segments_are_streamed_in_order_before_the_answer(engine):
-    calls = []
-
-    def listener(segments):
-        calls.append((time.monotonic(), engine.stats["steps"], list(segments)))
-
-    future = engine.submit(load(OSR), OPTIONS, on_segments=listener)
-    done = {}
-    future.add_done_callback(lambda f: done.setdefault("at", time.monotonic()))
-    transcript = future.result(timeout=120)
-    time.sleep(0.05)  # the done callback runs in the finisher thread
-    segments = [s for _, _, batch in calls for s in batch]
-    assert len(calls) >= 2  # one call per decoded window (two windows)
+    submission = engine.submit(load(OSR), OPTIONS)
+    arrivals = []  # (step of the engine when the batch was put, segments)
+    k = 0
+    while True:
+        batch = submission.segments.get(k)
+        batch.add_done_callback(lambda f: arrivals.append((engine.stats["steps"], f.result())))
+        if batch.result(timeout=120) is None:
+            break
+        k += 1
+    transcript = submission.result(timeout=120)
+    batches = [(step, b) for step, b in arrivals if b]
+    segments = [s for _, b in batches for s in b]
+    assert len(batches) >= 2  # one batch per decoded window (two windows)
     assert [s.id for s in segments] == list(range(len(transcript.segments)))
     assert "".join(s.text for s in segments) == transcript.text
     assert [(s.start, s.end, s.text) for s in segments] == [(s.start, s.end, s.text) for s in transcript.segments]
-    assert calls[0][0] < done["at"] and calls[0][1] < engine.stats["steps"]  # after the first window
+    assert batches[0][0] < batches[-1][0]  # the first window's segments came steps before the last's
 
 
-def test_admission_refuses_beyond_the_cap(model):
-    with closing(model, max_inflight_audio_s=5) as e:
-        first = e.submit(load(JFK), OPTIONS)  # 11 s alone: admitted
-        with pytest.raises(Overloaded) as raised:
-            e.submit(load(SHORT[1]), OPTIONS)  # 1.5 s more
-        assert raised.value.status == 503 and raised.value.retry_after >= 1
-        assert e.load()["requests"] == 1
-        forced = e.submit(load(SHORT[1]), OPTIONS, admit_always=True)
-        assert first.result(timeout=120).text.strip() and forced.result(timeout=120).text.strip()
-        assert e.load() == {"requests": 0, "streams": 0, "inflight_audio_s": 0.0,
-                            "window_budget": e.config.window_budget}
-        assert e.submit(load(SHORT[1]), OPTIONS).result(timeout=120).text.strip()  # nothing in flight now
+def test_sequential_mode_runs_beside_the_batched_loop(model):
+    """A mode=sequential request runs on its own worker: a batched request sent while it is
+    held inside whisper's transcribe is answered, and the engine loop kept stepping."""
+    with closing(model) as e:
+        entered, release = threading.Event(), threading.Event()
+        transcribe = e.sequential.model.transcribe
+
+        def held(*args, **kwargs):
+            entered.set()
+            assert release.wait(60)
+            return transcribe(*args, **kwargs)
+
+        e.sequential.model.transcribe = held
+        try:
+            sequential = e.submit(load(JFK), TranscriptionOptions(mode="sequential"))
+            assert entered.wait(60)
+            batched = e.submit(load(SHORT[0]), OPTIONS)
+            assert batched.result(timeout=120).text == alone(e, SHORT[0])
+            assert not sequential.done() and e.stats["steps"] > 0
+        finally:
+            release.set()
+            del e.sequential.model.transcribe
+        assert sequential.result(timeout=120).text == alone(e, JFK)
+        assert sequential.segments.all()  # its segments came, all at once
 
 
 def test_close_stops_the_thread(model):

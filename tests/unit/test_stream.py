@@ -40,7 +40,7 @@ def decoded(*pieces, avg_logprob=-0.2, no_speech=0.1, temperature=0.0, compressi
 
 def stream(content_frames=6000, clip=None, temperatures=SCHEDULE, **kwargs) -> Stream:
     start, end = clip or (0, content_frames)
-    return Stream(request=None, piece=0, clip_start=start, clip_end=end,
+    return Stream(clip_start=start, clip_end=end,
                   content_frames=content_frames, temperatures=temperatures, **kwargs)
 
 
@@ -344,11 +344,10 @@ def test_hallucination_silence_threshold_drops_a_window_opening_with_a_suspect()
 
 
 def two_piece_request():
-    r = Request(id="r", audio=np.zeros(16000 * 40, dtype=np.float32), options=TranscriptionOptions(),
+    r = Request(id="r", serial=0, audio=np.zeros(16000 * 40, dtype=np.float32), options=TranscriptionOptions(),
                 language="en", content_frames=4000)
-    r.streams = [Stream(request=r, piece=k, clip_start=a, clip_end=b, content_frames=4000,
-                        temperatures=SCHEDULE, initial_prompt=[11])
-                 for k, (a, b) in enumerate(stream_clips(4000, [2000]))]
+    r.streams = [Stream(clip_start=a, clip_end=b, content_frames=4000, temperatures=SCHEDULE, initial_prompt=[11])
+                 for a, b in stream_clips(4000, [2000])]
     return r
 
 
@@ -365,10 +364,10 @@ def test_ready_segments_wait_for_the_earlier_pieces():
     assert texts(r.ready_segments()) == [" A"] and r.segment_count() == 1
     assert r.ready_segments() == []  # nothing new
     apply(first, decoded(seg(0, " B", 1.0)))  # single ending: piece 0 is done
-    assert first.done and not r.done
+    assert first.done and not r.streams_done
     assert texts(r.ready_segments()) == [" B", " C"] and r.segment_count() == 3
     apply(second, decoded(seg(0, " D", 1.0)))
-    assert texts(r.ready_segments()) == [" D"] and r.done
+    assert texts(r.ready_segments()) == [" D"] and r.streams_done
 
 
 def test_transcript_puts_pieces_in_order_with_ids_from_zero():
@@ -383,13 +382,6 @@ def test_transcript_puts_pieces_in_order_with_ids_from_zero():
     assert (t.language, t.duration, t.task) == ("en", 40.0, "transcribe")
     assert t.segments[2].words[0].word == " Three." and t.segments[0].words == []
     assert r.transcript(TOKENIZER, want_words=False).segments[2].words is None
-
-
-def test_request_with_an_error_is_done():
-    r = two_piece_request()
-    assert not r.done
-    r.error = RuntimeError("x")
-    assert r.done
 
 
 @pytest.mark.parametrize(

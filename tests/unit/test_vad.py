@@ -267,17 +267,22 @@ def test_speech_transcribes_the_same_with_and_without_vad(engine):
 
 
 def test_condition_on_previous_text_reaches_the_streams(engine):
-    seen = set()
-    engine.on_step = lambda report: seen.update(
-        (s.request.id, s.condition_on_previous_text) for r in engine._active for s in r.streams)
+    with engine._cond:  # both in the same step
+        off = TranscriptionOptions(condition_on_previous_text=False)
+        futures = [engine.submit(load(JFK), off, request_id="off"),
+                   engine.submit(load(JFK), TranscriptionOptions(), request_id="default")]
+        engine.scheduler_add = engine.scheduler.add
+        seen = set()
+
+        def add(request, sharing=1):
+            engine.scheduler_add(request, sharing)
+            seen.update((request.id, s.condition_on_previous_text) for s in request.streams)
+
+        engine.scheduler.add = add
     try:
-        with engine._cond:  # both in the same step
-            off = TranscriptionOptions(condition_on_previous_text=False)
-            futures = [engine.submit(load(JFK), off, request_id="off"),
-                       engine.submit(load(JFK), TranscriptionOptions(), request_id="default")]
         assert futures[0].result().text == futures[1].result().text
     finally:
-        engine.on_step = None
+        del engine.scheduler.add
     assert seen == {("off", False), ("default", True)}  # the default: EngineConfig's, whisper's
 
 
