@@ -9,7 +9,7 @@ soon as they end (`step` returns the finished rows), so a window that arrives wh
 others decode does not wait for them, and finished rows are refilled. Whisper's rules
 (SuppressBlank, SuppressTokens, ApplyTimestampRules, greedy or sampled) are tensor
 operations on the whole batch; there is no host sync inside a chunk, and the token step
-has static shapes (captured as CUDA graphs on cuda). At temperature 0 a row gets the same
+has static shapes (captured as CUDA graphs on cuda, at start-up). At temperature 0 a row gets the same
 tokens as `whisper.decode(..., DecodingOptions(temperature=0))`, whatever else shares its
 batch.
 """
@@ -77,6 +77,7 @@ class TokenRules:
         precision = CHUNK_LENGTH / n_audio_ctx  # 0.02 s per timestamp token
         self.max_initial_timestamp_index = round(1.0 / precision)
         self.timestamp_index = torch.arange(n_vocab - self.timestamp_begin, device=device)
+        self.vocab_keys = _mix32(torch.arange(n_vocab, dtype=torch.long, device=device))  # gumbel_noise
 
 
 def apply_rules(
@@ -128,15 +129,15 @@ def _heads(x: Tensor, n_head: int) -> Tensor:
     return x.view(*x.shape[:2], n_head, -1).permute(0, 2, 1, 3)
 
 
-def _attend(q, k, v, n_head, is_causal=False, mask=None, kv_in_heads=False):
+def _attend(q, k, v, n_head, is_causal=False, mask=None):
     """Multi-head attention of q (rows, n_q, state) over k and v, which are (rows, n_k,
-    state), or already (rows, heads, n_k, state / heads) when kv_in_heads; mask: boolean,
+    state), or already head-major (rows, heads, n_k, state / heads); mask: boolean,
     broadcast to (rows, heads, n_q, n_k), True where a query may look.
 
     Two matmuls and an fp32 softmax rather than scaled_dot_product_attention: a decode
     step has one query per row, where the cpu's flash kernel is 1.3x slower in fp32 and
     6x slower in bf16 (16 rows over 1500 audio positions, docs/benchmarks.md)."""
-    if not kv_in_heads:
+    if k.dim() == 3:
         k, v = _heads(k, n_head), _heads(v, n_head)
     q = _heads(q, n_head)
     weights = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
@@ -154,7 +155,8 @@ def _decoder_forward(model, tokens: Tensor, positions: Tensor, store, cross_k, c
     """Run the text decoder on `tokens` (n_rows, n) at `positions` (n_rows, n); returns the
     hidden states after the final LayerNorm. store(layer, keys, values) keeps this call's
     self-attention keys/values (n_rows, n, state) and returns all those the queries attend
-    over; cross_k/cross_v: per layer (n_rows, heads, n_audio_ctx, state / heads)."""
+    over (as they are, or head-major); cross_k/cross_v: per layer (n_rows, heads,
+    n_audio_ctx, state / heads)."""
     decoder = model.decoder
     x = (decoder.token_embedding(tokens) + decoder.positional_embedding[positions]).to(cross_k[0].dtype)
     for i, block in enumerate(decoder.blocks):
@@ -164,7 +166,7 @@ def _decoder_forward(model, tokens: Tensor, positions: Tensor, store, cross_k, c
         x = x + attn.out(_attend(attn.query(h), keys, values, attn.n_head, is_causal=is_causal, mask=mask))
         cross = block.cross_attn
         h = block.cross_attn_ln(x)
-        x = x + cross.out(_attend(cross.query(h), cross_k[i], cross_v[i], cross.n_head, kv_in_heads=True))
+        x = x + cross.out(_attend(cross.query(h), cross_k[i], cross_v[i], cross.n_head))
         x = x + block.mlp(block.mlp_ln(x))
     return decoder.ln(x)
 
@@ -174,18 +176,53 @@ def _logits(model, hidden: Tensor) -> Tensor:
     return (hidden @ weight.T).float()
 
 
-def _sample(logits: Tensor, row_temperature: Tensor, sampled: Optional[Tensor], generators) -> Tensor:
-    """Greedy tokens for rows at temperature 0; for the rows in `sampled` (an index tensor
-    on the logits' device, None: no row samples), argmax(logits / T - log E) with E ~ Exp(1)
-    drawn from the row's own generator (on the same device: no copy from the host): a
-    sample from softmax(logits / T) that no other row can influence."""
+MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (int64 tensors holding values below 2^32; every product stays
+    below 2^63): the bits of a counter-based random number generator."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: Tensor, steps: Tensor, vocab_keys: Tensor) -> Tensor:
+    """(rows, n_vocab) Gumbel(0, 1) noise, a pure function of each row's seed (int64), its
+    token index `steps` and the token: the same numbers on any device, in any batch, in
+    any chunking of the tokens, and computed by tensor ops alone (so inside a CUDA graph).
+    vocab_keys: _mix32 of each token id (TokenRules.vocab_keys)."""
+    key = _mix32((seeds & MASK32) ^ _mix32((seeds >> 32) & MASK32))
+    key = _mix32(key ^ _mix32(steps & MASK32))
+    bits = _mix32(key[:, None] ^ vocab_keys[None, :]) >> 8  # 24 bits: exact in fp32
+    uniform = (bits.float() + 0.5) / float(1 << 24)  # in (0, 1)
+    return -(-uniform.log()).log()
+
+
+def _sample(logits: Tensor, state: dict, sampled, vocab_keys: Tensor) -> Tensor:
+    """Greedy tokens for rows at temperature 0; a sampled row takes argmax(logits / T + G)
+    with G the row's Gumbel noise (gumbel_noise): a sample from softmax(logits / T) that
+    no other row can influence. `sampled`: None (no row samples), an index tensor of the
+    rows that do, or ALL_ROWS (noise for every row, masked by temperature: the static
+    shape a CUDA graph can hold; the same tokens)."""
     next_tokens = logits.argmax(dim=-1)
     if sampled is None:
         return next_tokens
-    noise = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g)
-                         for g in generators])
-    scores = logits.index_select(0, sampled) / row_temperature.index_select(0, sampled) - noise.log()
+    temperature = state["row_temperature"]
+    if sampled is ALL_ROWS:
+        noise = gumbel_noise(state["seed"], state["row_step"], vocab_keys)
+        scores = torch.where(temperature > GREEDY, logits / temperature + noise, logits)
+        return scores.argmax(dim=-1)
+    noise = gumbel_noise(state["seed"].index_select(0, sampled), state["row_step"].index_select(0, sampled),
+                         vocab_keys)
+    scores = logits.index_select(0, sampled) / temperature.index_select(0, sampled) + noise
     return next_tokens.index_copy(0, sampled, scores.argmax(dim=-1))
+
+
+ALL_ROWS = "all rows"  # _sample's `sampled` for a step that may hold sampled rows anywhere
+GREEDY = 1e-6  # a greedy row's stored temperature (it divides nothing: argmax alone)
 
 
 # Row counts a step runs at on cuda, one CUDA graph each (per attention span): rows that
@@ -194,43 +231,86 @@ CUDA_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256) + t
 # Self-attention columns a step attends over come in multiples of this (its own graph each
 # on cuda; on cpu a small step keeps masked columns few)
 SPAN_STEP = {"cuda": 64, "cpu": 8}
-GRAPH_WARMUP_STEPS = 2  # eager steps of a (rows, span) shape before it is captured
+PREFILL_ROWS = 128  # rows prefilled together when many join at once (their attention maps are the peak)
+
+
+def row_bucket(n: int, buckets: Optional[Sequence[int]] = CUDA_ROW_BUCKETS) -> int:
+    """The smallest bucket holding `n` rows (`n` itself past the last bucket, or without buckets)."""
+    if not buckets or n > buckets[-1]:
+        return n
+    return next(b for b in buckets if b >= n)
 
 
 @dataclass
 class _Row:
     tag: Any
     temperature: float
-    generator: Optional[torch.Generator]
+
+
+class CudaGraphs:
+    """torch.cuda's graph API, as DecodeBatch captures with it; tests stand in a fake to
+    check what a failed capture leaves behind without a GPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)  # every capture on it, restored after each
+
+    def graph(self):
+        return torch.cuda.CUDAGraph()
+
+    def stream_context(self):
+        return torch.cuda.stream(self.stream)
+
+    def capture(self, graph, pool):
+        return torch.cuda.graph(graph, pool=pool, stream=self.stream, capture_error_mode="thread_local")
+
+    def abandon(self, graph) -> None:
+        """After a capture that raised: stop routing allocations to the graph's private pool
+        and release it, so the caching allocator is not left mid-capture (its next
+        empty_cache would assert)."""
+        try:
+            pool = graph.pool()
+        except Exception:
+            return
+        index = torch.device(self.device).index or 0
+        for release in (torch._C._cuda_endAllocateToPool, torch._C._cuda_releasePool):
+            try:
+                release(index, pool)
+            except Exception:  # already ended by capture_end
+                pass
+        torch.cuda.synchronize(self.device)
 
 
 class DecodeBatch:
     """Rows decoding side by side, joining and leaving between chunks of tokens.
 
         batch = DecodeBatch(model, tokenizer, rules)
-        batch.add(features, initial_tokens, temperatures, generators, tags)
+        batch.add(features, initial_tokens, temperatures, seeds, tags)
         while len(batch):
             for tag, result in batch.step(16): ...   # rows that ended in those 16 tokens
 
     features: (n, n_audio_ctx, n_audio_state); initial_tokens: per row [sot_prev, prompt...,]
-    sot, [language, task]; a row sampled at a temperature above 0 draws from its own
-    generator, on the features' device. Tags are the caller's: they come back with the
-    results.
+    sot, [language, task]; a row at a temperature above 0 samples with Gumbel noise drawn
+    from its seed, its token index and the token alone (gumbel_noise). Tags are the
+    caller's: they come back with the results.
 
     The step is static: every row lives in a slot of fixed buffers (its self-attention cache
-    has n_text_ctx columns; row r writes its token k at column k, and a boolean mask
-    says which columns hold its keys), all per-row counters stay on the device, and a step
-    runs over the first `rows` slots (a bucket) and the first `span` columns, both from a
-    small set of sizes. So a joining row is written into a free slot (nothing else moves),
-    a finished row frees its slot, and rows are compacted only when they fit a smaller
-    bucket. Inside a chunk of tokens nothing waits for the device (tests/unit/
-    test_decoding.py counts the host syncs); on cuda each (rows, span) step with no
-    sampled row is captured as a CUDA graph after two eager runs and replayed.
+    is head-major, (heads, n_text_ctx, head width), so attention reads it without a copy;
+    row r writes its token k at column k, and a boolean mask says which columns hold its
+    keys), all per-row counters stay on the device, and a step runs over the first `rows`
+    slots (a bucket) and the first `span` columns, both from a small set of sizes. So a
+    joining row is written into a free slot (nothing else moves), a finished row frees its
+    slot, and rows are compacted only when they fit a smaller bucket. Inside a chunk of
+    tokens nothing waits for the device (tests/unit/test_decoding.py counts the host
+    syncs). On cuda `capture_graphs` records every (rows, span, sampling) step shape up to
+    the batch's capacity as CUDA graphs at start-up, largest first, in one pool; steps
+    replay them (a shape without a graph runs eagerly and is counted, never captured while
+    serving). A capture that fails switches the batch to eager steps for good, loudly.
     """
 
     def __init__(self, model, tokenizer: Tokenizer, rules: TokenRules, max_new_tokens: Optional[int] = None,
                  row_buckets: Optional[Sequence[int]] = None, span_step: Optional[int] = None,
-                 cuda_graphs: Optional[bool] = None):
+                 cuda_graphs: Optional[bool] = None, graph_api=None):
         self.model, self.tokenizer, self.rules = model, tokenizer, rules
         self.device = rules.suppress.device
         cuda = self.device.type == "cuda"
@@ -238,18 +318,20 @@ class DecodeBatch:
         self.sample_len = max_new_tokens or self.n_ctx // 2
         self.row_buckets = tuple(row_buckets) if row_buckets else (CUDA_ROW_BUCKETS if cuda else None)
         self.span_step = span_step or SPAN_STEP["cuda" if cuda else "cpu"]
-        self.cuda_graphs = cuda if cuda_graphs is None else bool(cuda_graphs and cuda)
+        self.cuda_graphs = cuda if cuda_graphs is None else bool(cuda_graphs and (cuda or graph_api))
+        self._graph_api = graph_api
         self.slots: List[Optional[_Row]] = []  # None: a free slot
         self.state: dict = {}  # per-row tensors, (capacity, ...)
-        self.self_k: List[Tensor] = []  # per layer (capacity, n_ctx, state)
+        self.self_k: List[Tensor] = []  # per layer (capacity, heads, n_ctx, state / heads)
         self.self_v: List[Tensor] = []
         self.cross_k: List[Tensor] = []  # per layer (capacity, heads, n_audio_ctx, state / heads)
         self.cross_v: List[Tensor] = []
         self.bound = 0  # no row in use writes its next token past this column
         self.horizon = 0  # tokens after which every row has ended
-        self.graphs: dict = {}  # (rows, span) -> torch.cuda.CUDAGraph
-        self._eager_runs: dict = {}
+        self.graphs: dict = {}  # (rows, span, sampling) -> CUDA graph
         self._pool = None
+        # token steps replayed from a graph, run eagerly, and failed captures (engine stats)
+        self.counts = {"graph_steps": 0, "eager_steps": 0, "capture_failures": 0}
 
     def __len__(self) -> int:
         return sum(row is not None for row in self.slots)
@@ -261,9 +343,7 @@ class DecodeBatch:
     # ------------------------------------------------------------------ sizes
 
     def _bucket(self, n: int) -> int:
-        if not self.row_buckets or n > self.row_buckets[-1]:
-            return n
-        return next(b for b in self.row_buckets if b >= n)
+        return row_bucket(n, self.row_buckets)
 
     def _rows(self) -> int:
         """The slots a step runs over: the bucket holding the highest slot in use."""
@@ -277,11 +357,12 @@ class DecodeBatch:
     def _grow(self, capacity: int, dtype: torch.dtype) -> None:
         """Buffers for `capacity` rows, caches in `dtype` (the audio features'), the rows in
         use copied over. Allocates before it assigns: an out-of-memory error leaves the
-        batch as it was."""
+        batch as it was. Graphs captured over the old buffers are dropped."""
         old = len(self.slots)
         dims, device = self.model.dims, self.device
         heads = self.model.decoder.blocks[0].cross_attn.n_head
         n_layers = len(self.model.decoder.blocks)
+        width = dims.n_text_state // heads
 
         def rows(t: Optional[Tensor], shape, dtype, fill=0):
             new = torch.full((capacity, *shape), fill, dtype=dtype, device=device)
@@ -296,19 +377,21 @@ class DecodeBatch:
             "sum_logprobs": ((), torch.float32, 0.0), "no_speech": ((), torch.float32, 0.0),
             "last": ((), torch.long, -1), "penultimate": ((), torch.long, -1), "last_ts": ((), torch.long, -1),
             "done": ((), torch.bool, True), "row_temperature": ((1,), torch.float32, 1.0),
+            "seed": ((), torch.long, 0),
         }
         state = {name: rows(self.state.get(name), shape, dt, fill) for name, (shape, dt, fill) in spec.items()}
         state["key_mask"][old:, 0] = True  # an unused row attends to one column: no all -inf row
         cache = [[rows(t[k] if t else None, shape, dtype) for k in range(n_layers)]
-                 for t, shape in ((self.self_k, (self.n_ctx, dims.n_text_state)),
-                                  (self.self_v, (self.n_ctx, dims.n_text_state)),
-                                  (self.cross_k, (heads, dims.n_audio_ctx, dims.n_text_state // heads)),
-                                  (self.cross_v, (heads, dims.n_audio_ctx, dims.n_text_state // heads)))]
+                 for t, shape in ((self.self_k, (heads, self.n_ctx, width)),
+                                  (self.self_v, (heads, self.n_ctx, width)),
+                                  (self.cross_k, (heads, dims.n_audio_ctx, width)),
+                                  (self.cross_v, (heads, dims.n_audio_ctx, width)))]
         self.state = state
         self.self_k, self.self_v, self.cross_k, self.cross_v = cache
         self.slots += [None] * (capacity - old)
+        if self.graphs:
+            logger.warning("decode batch grown to %d rows: its %d CUDA graphs are dropped", capacity, len(self.graphs))
         self.graphs.clear()  # they were captured over the old buffers
-        self._eager_runs.clear()
         self._pool = None
 
     def _buffers(self) -> List[Tensor]:
@@ -318,12 +401,17 @@ class DecodeBatch:
 
     @torch.no_grad()
     def add(self, audio_features: Tensor, initial_tokens: Sequence[Sequence[int]],
-            temperatures: Sequence[float], generators: Sequence[Optional[torch.Generator]],
-            tags: Sequence[Any]) -> None:
-        """Prefill new rows, sample their first token, and write them into free slots."""
+            temperatures: Sequence[float], seeds: Sequence[int], tags: Sequence[Any]) -> None:
+        """Prefill new rows, sample their first token, and write them into free slots
+        (PREFILL_ROWS at a time)."""
+        n_rows = audio_features.shape[0]
+        if n_rows > PREFILL_ROWS:
+            for k in range(0, n_rows, PREFILL_ROWS):
+                part = slice(k, k + PREFILL_ROWS)
+                self.add(audio_features[part], initial_tokens[part], temperatures[part], seeds[part], tags[part])
+            return
         model, rules = self.model, self.rules
         device = audio_features.device
-        n_rows = audio_features.shape[0]
         lengths = [len(t) for t in initial_tokens]
         width = max(lengths)
         # right padding: under the causal mask no real token sees the padding after it
@@ -366,12 +454,13 @@ class DecodeBatch:
             "sum_logprobs": torch.zeros(n_rows, device=device),
             "no_speech": no_speech.float(),
             "done": torch.zeros(n_rows, dtype=torch.bool, device=device),
-            "row_temperature": torch.tensor([float(t) for t in temperatures], device=device).clamp(min=1e-6)[:, None],
+            "row_temperature": torch.tensor([float(t) for t in temperatures], device=device).clamp(min=GREEDY)[:, None],
+            "seed": torch.tensor([int(seed) for seed in seeds], dtype=torch.long, device=device),
             "next_tokens": torch.zeros(n_rows, dtype=torch.long, device=device),
             **{name: torch.full((n_rows,), -1, dtype=torch.long, device=device)
                for name in ("last", "penultimate", "last_ts")},
         }
-        self._sample_step(new, logits, 0, *self._sampled_rows(temperatures, generators, device))
+        self._sample_step(new, logits, 0, self._sampled_rows(temperatures, device))
 
         # into the lowest free slots, growing the buffers first if they are full
         free = [k for k, row in enumerate(self.slots) if row is None]
@@ -382,30 +471,29 @@ class DecodeBatch:
         index = torch.tensor(slots, device=device)
         for name, value in new.items():
             self.state[name].index_copy_(0, index, value)
-        for i in range(len(blocks)):
-            self.self_k[i][:, :width].index_copy_(0, index, self_k[i])
-            self.self_v[i][:, :width].index_copy_(0, index, self_v[i])
+        for i, block in enumerate(blocks):
+            n_head = block.attn.n_head
+            self.self_k[i][:, :, :width].index_copy_(0, index, _heads(self_k[i], n_head))
+            self.self_v[i][:, :, :width].index_copy_(0, index, _heads(self_v[i], n_head))
             self.cross_k[i].index_copy_(0, index, cross_k[i])
             self.cross_v[i].index_copy_(0, index, cross_v[i])
-        for k, tag, t, g in zip(slots, tags, temperatures, generators):
-            self.slots[k] = _Row(tag, float(t), g)
+        for k, tag, t in zip(slots, tags, temperatures):
+            self.slots[k] = _Row(tag, float(t))
         self.bound = max(self.bound, width)
         self.horizon = max(self.horizon, max(n_steps) - 1)
 
     @staticmethod
-    def _sampled_rows(temperatures, generators, device) -> Tuple[Optional[Tensor], List]:
-        """The rows that sample (an index tensor on `device`, None when none do) and their
-        generators, made once per chunk of tokens: nothing goes from the host per token."""
+    def _sampled_rows(temperatures, device) -> Optional[Tensor]:
+        """The rows that sample (an index tensor on `device`), None when none do: made once
+        per chunk of tokens, nothing goes from the host per token."""
         rows = [k for k, t in enumerate(temperatures) if t > 0]
-        if not rows:
-            return None, []
-        return torch.tensor(rows, device=device), [generators[k] for k in rows]
+        return torch.tensor(rows, device=device) if rows else None
 
-    def _sample_step(self, state: dict, logits: Tensor, step: int, sampled, generators) -> None:
+    def _sample_step(self, state: dict, logits: Tensor, step: int, sampled) -> None:
         """Apply the rules, sample one token per row and record it, all in place in `state`."""
         rules = self.rules
         apply_rules(rules, logits, step, state["last"], state["penultimate"], state["last_ts"])
-        tokens = _sample(logits, state["row_temperature"], sampled, generators)
+        tokens = _sample(logits, state, sampled, rules.vocab_keys)
         done = state["done"]
         logprobs = F.log_softmax(logits.float(), dim=-1)  # as whisper, for equal sums
         current = logprobs.gather(1, tokens[:, None])[:, 0]
@@ -425,27 +513,30 @@ class DecodeBatch:
 
     # ------------------------------------------------------------------ decoding
 
-    def _token_step(self, rows: int, span: int, sampled, generators) -> None:
+    def _token_step(self, rows: int, span: int, sampled) -> None:
         """One token for slots [0, rows), attending over columns [0, span): every write is
         in place into the batch's buffers, so the same call can be captured as a graph."""
         state = {name: t[:rows] for name, t in self.state.items()}
         position = state["next_position"]
         state["key_mask"].scatter_(1, position[:, None], True)
-        at = (torch.arange(rows, device=position.device), position)  # each row's own column
+        device = position.device
+        n_head = self.model.decoder.blocks[0].attn.n_head
+        # each row's own column of each head: (rows, heads) index pairs
+        at = (torch.arange(rows, device=device)[:, None], torch.arange(n_head, device=device)[None, :],
+              position[:, None])
 
         def store(i, k, v):
-            # index_put_ writes rows x state values; scatter_ copied the whole cache in bf16
             keys, values = self.self_k[i][:rows], self.self_v[i][:rows]
-            keys.index_put_(at, k[:, 0])
-            values.index_put_(at, v[:, 0])
-            return keys[:, :span], values[:, :span]
+            keys.index_put_(at, k[:, 0].view(rows, n_head, -1))
+            values.index_put_(at, v[:, 0].view(rows, n_head, -1))
+            return keys[:, :, :span], values[:, :, :span]
 
         hidden = _decoder_forward(
             self.model, state["next_tokens"][:, None], position[:, None], store,
             [t[:rows] for t in self.cross_k], [t[:rows] for t in self.cross_v],
             mask=state["key_mask"][:, None, None, :span], is_causal=False,
         )
-        self._sample_step(state, _logits(self.model, hidden[:, -1]), 1, sampled, generators)
+        self._sample_step(state, _logits(self.model, hidden[:, -1]), 1, sampled)
         position.add_((~state["done"]).long())  # a finished row stays where it is: inside the cache
 
     @torch.no_grad()
@@ -457,36 +548,73 @@ class DecodeBatch:
         tokens = min(max_tokens, self.horizon)
         rows, span = self._rows(), self._span(tokens)
         in_use = self.slots[:rows]
-        sampled, generators = self._sampled_rows(
-            [row.temperature if row else 0.0 for row in in_use], [row and row.generator for row in in_use],
-            self.device)
-        key = (rows, span)
+        sampled = self._sampled_rows([row.temperature if row else 0.0 for row in in_use], self.device)
+        graph = self.graphs.get((rows, span, sampled is not None)) if self.cuda_graphs else None
+        if graph is None and sampled is not None and self.cuda_graphs:
+            sampled = ALL_ROWS  # the graphs' own path, eagerly: the same tokens
         for _ in range(tokens):
-            graph = self.graphs.get(key) if self.cuda_graphs and sampled is None else None
             if graph is not None:
                 graph.replay()
             else:
-                self._token_step(rows, span, sampled, generators)
-                if self.cuda_graphs and sampled is None:
-                    self._eager_runs[key] = self._eager_runs.get(key, 0) + 1
-                    if self._eager_runs[key] == GRAPH_WARMUP_STEPS:
-                        self._capture(key)
+                self._token_step(rows, span, sampled)
+        self.counts["graph_steps" if graph is not None else "eager_steps"] += tokens
         self.horizon -= tokens
         return self._retire(rows)  # which also reads where the rows are: the new bound
 
-    def _capture(self, key: Tuple[int, int]) -> None:
-        """Record the token step of this shape as a CUDA graph (not run: the next token
-        replays it). A capture that fails leaves the batch eager."""
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                self._token_step(*key, None, [])
-        except Exception:
-            logger.warning("capturing the decode step as a CUDA graph failed: decoding eagerly", exc_info=True)
-            self.cuda_graphs = False
-            return
-        self._pool = self._pool or graph.pool()
-        self.graphs[key] = graph
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def shapes(self, capacity: int) -> List[Tuple[int, int, bool]]:
+        """Every (rows, span, sampling) step shape of a batch of `capacity` rows, largest
+        first (captured so, the first graph sizes the shared pool for all)."""
+        buckets = [b for b in (self.row_buckets or range(1, capacity + 1)) if b <= capacity]
+        spans = sorted({min(self.n_ctx, s) for s in range(self.span_step, self.n_ctx + self.span_step,
+                                                           self.span_step)}, reverse=True)
+        return [(rows, span, sampling) for rows in sorted(buckets, reverse=True) for span in spans
+                for sampling in (True, False)]
+
+    @torch.no_grad()
+    def capture_graphs(self, capacity: int, dtype: torch.dtype) -> int:
+        """At start-up: grow the buffers to the bucket of `capacity` rows and record every
+        step shape as a CUDA graph (one eager run of each first: kernels pick their
+        algorithms outside the capture). Returns the graphs held; on a failed capture none
+        (the batch decodes eagerly from then on, and says so once)."""
+        if not self.cuda_graphs:
+            return 0
+        if len(self) == 0 and len(self.slots) < self._bucket(capacity):
+            self._grow(self._bucket(capacity), dtype)
+        api = self._graph_api or CudaGraphs(self.device)
+        self._graph_api = api
+        for rows, span, sampling in self.shapes(len(self.slots)):
+            sampled = ALL_ROWS if sampling else None
+            self._token_step(rows, span, sampled)  # idle rows: every slot is free
+            graph = api.graph()
+            try:
+                with api.stream_context():  # the thread's stream is restored whatever capture_end does
+                    with api.capture(graph, self._pool):
+                        self._token_step(rows, span, sampled)
+            except Exception:
+                api.abandon(graph)
+                self.counts["capture_failures"] += 1
+                logger.error("capturing the decode step (%d rows, %d columns%s) as a CUDA graph failed: the "
+                             "decode batch runs eagerly from now on (set cuda_graphs: false to skip capturing)",
+                             rows, span, ", sampling" if sampling else "", exc_info=True)
+                self.graphs.clear()
+                self._pool = None
+                self.cuda_graphs = False
+                return 0
+            self._pool = self._pool or graph.pool()
+            self.graphs[(rows, span, sampling)] = graph
+        logger.info("decode step captured as %d CUDA graphs (up to %d rows)", len(self.graphs), len(self.slots))
+        return len(self.graphs)
+
+    def clear(self) -> List[Any]:
+        """Drop every row (after a failure), keeping the buffers and graphs; returns their tags."""
+        tags = self.tags
+        self.slots = [None] * len(self.slots)
+        if self.state:
+            self.state["done"].fill_(True)
+        self.bound = self.horizon = 0
+        return tags
 
     def _retire(self, rows: int) -> List[Tuple[Any, DecodedWindow]]:
         state = self.state
@@ -496,13 +624,14 @@ class DecodeBatch:
         finished = []
         if ended:
             index = torch.tensor(ended, device=self.device)
-            out_tokens = state["out_tokens"].index_select(0, index).cpu()
-            n_sampled = state["n_sampled"].index_select(0, index).tolist()
-            sums = state["sum_logprobs"].index_select(0, index).tolist()
-            no_speech = state["no_speech"].index_select(0, index).tolist()
+            # two copies to the host for all ended rows: their tokens with counts, their scores
+            tokens_and_counts = torch.cat([state["out_tokens"].index_select(0, index),
+                                           state["n_sampled"].index_select(0, index)[:, None]], dim=1).tolist()
+            sums, no_speech = torch.stack([state["sum_logprobs"].index_select(0, index),
+                                           state["no_speech"].index_select(0, index)]).tolist()
             for j, k in enumerate(ended):
                 row = self.slots[k]
-                tokens = out_tokens[j, : n_sampled[j]].tolist()
+                tokens = tokens_and_counts[j][: tokens_and_counts[j][-1]]
                 text = self.tokenizer.decode(tokens).strip()
                 finished.append((row.tag, DecodedWindow(
                     tokens=tokens, text=text, sum_logprob=sums[j], avg_logprob=sums[j] / (len(tokens) + 1),

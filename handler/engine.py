@@ -299,16 +299,20 @@ class Engine:
     def warmup(self) -> None:
         """Run two short synthetic clips with word timestamps through the engine, so the
         first real requests do not pay for lazy initialisation (numba compiles
-        whisper.timing's DTW on first use, cuDNN picks its kernels); the stats start after it."""
+        whisper.timing's DTW on first use, cuDNN picks its kernels) and, on cuda, the decode
+        step is captured as CUDA graphs; the stats start after it."""
         t = np.arange(SAMPLE_RATE * 2) / SAMPLE_RATE
         clip = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
         # vad_filter off: the VAD would (rightly) find no speech in a tone, and nothing would run
-        self.transcribe([(clip, TranscriptionOptions(word_timestamps=True, vad_filter=False))] * 2)
+        # greedy only: a clip that fails whisper's checks would go down the whole fallback ladder
+        self.transcribe([(clip, TranscriptionOptions(word_timestamps=True, vad_filter=False, temperature=(0.0,)))] * 2)
         self.runner.warm_kernels()
+        self.runner.capture_graphs(self.config.window_budget)  # cuda: every decode step shape, now
         self.wait_idle()
         with self._stats_lock:
             for key, value in self.stats.items():
                 self.stats[key] = type(value)()
+        self.runner.reset_counts()
         while not self.reports.empty():
             self.reports.get_nowait()
 
@@ -343,6 +347,7 @@ class Engine:
     _busy = False  # the loop is inside a step (wait_idle)
 
     def _loop(self) -> None:
+        self.runner.bind_thread()
         while True:
             with self._cond:
                 self._busy = False
@@ -403,6 +408,7 @@ class Engine:
                 self.scheduler.decode_failed(self.runner.reset(), failure)
             else:
                 self.stats["decode_s"] += self.runner.clock() - clock
+                self.stats.update(self.runner.graph_counts)  # graph_steps, eager_steps, ...
                 for request in self.outputs.apply(ended):
                     if request.serial in self._submissions:
                         self.outputs.publish(request, self._submissions[request.serial].segments)

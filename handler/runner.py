@@ -25,7 +25,7 @@ from whisper.model import disable_sdpa
 from whisper.timing import add_word_timestamps, dtw
 from whisper.tokenizer import LANGUAGES, get_tokenizer
 
-from decoding import DecodeBatch, DecodedWindow, TokenRules
+from decoding import CUDA_ROW_BUCKETS, PREFILL_ROWS, DecodeBatch, DecodedWindow, TokenRules
 
 
 ENCODER_BACKENDS = ("torch", "onnxruntime")  # onnxruntime: cpu, fp32 (onnx_encoder.py)
@@ -35,21 +35,51 @@ MAX_GPU_WINDOW_BUDGET = 1024  # windows per step on a GPU with the memory for th
 MAX_ENCODER_BATCH = 256  # windows per encoder call (its activations grow with the call)
 
 
-def gpu_window_budget(device, dims, mel_seconds: float = 0.0, fraction: float = 0.5) -> int:
-    """Windows per step that fit in `fraction` of the GPU memory still free, after the
-    fp32 log-mels of `mel_seconds` of admitted audio (whole requests stay on the device):
-    per window the fp16 cross-attention keys/values of every decoder layer, the fixed
-    self-attention cache, the encoder output kept for a retry, the encoder's widest
-    activations (the MLP, 4x the width) and a step's fp32 logits and their copies."""
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    mels = mel_seconds * FRAMES_PER_SECOND * dims.n_mels * 4
+def window_bytes(dims) -> int:
+    """Device bytes one window in flight takes on a GPU (fp16): its rows of the decode batch
+    (the cross-attention keys/values of every decoder layer, the fixed self-attention
+    cache), the encoder output kept for a retry, the encoder's widest activations (the MLP,
+    4x the width), and a step's fp32 logits with their copies and the int64 noise of
+    sampling."""
     cross = 2 * dims.n_text_layer * dims.n_audio_ctx * dims.n_text_state * 2
     self_cache = 2 * dims.n_text_layer * dims.n_text_ctx * dims.n_text_state * 2
     features = dims.n_audio_ctx * dims.n_audio_state * 2
     encoder = 3 * dims.n_audio_ctx * 4 * dims.n_audio_state * 2
-    logits = 4 * dims.n_vocab * 4
-    per_window = cross + self_cache + features + encoder + logits
-    return int(max(1, min(MAX_GPU_WINDOW_BUDGET, (fraction * free - mels) // per_window)))
+    step = 4 * dims.n_vocab * 4 + 3 * dims.n_vocab * 8
+    return cross + self_cache + features + encoder + step
+
+
+def join_bytes(dims) -> int:
+    """Device bytes a joining window takes beyond its rows while it is prefilled (at most
+    PREFILL_ROWS at a time): its cross-attention keys/values, computed before they are
+    copied into the batch, and its prefill attention maps (fp32 scores, their softmax and
+    the fp16 copy, for the longest prompt, over itself and the audio)."""
+    cross = 2 * dims.n_text_layer * dims.n_audio_ctx * dims.n_text_state * 2
+    prompt = dims.n_text_ctx // 2 + 3  # at most half the context of previous text, then the SOT sequence
+    return cross + dims.n_text_head * prompt * (prompt + dims.n_audio_ctx) * (4 + 4 + 2)
+
+
+def gpu_window_budget(device, dims, mel_seconds: float = 0.0, fraction: float = 0.5,
+                      free_bytes: Optional[int] = None) -> int:
+    """Windows per step that fit in `fraction` of the GPU memory still free (`free_bytes`,
+    else asked of the device), after the fp32 log-mels of `mel_seconds` of admitted audio
+    (whole requests stay on the device), at `window_bytes` each with the transient
+    `join_bytes` of the windows prefilled together, rounded down to a row bucket of the
+    decode step (the batch's buffers are a whole bucket)."""
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+    room = fraction * free_bytes - mels_bytes(dims, mel_seconds)
+    window, join = window_bytes(dims), join_bytes(dims)
+    fits = room // (window + join)  # every window joining at once
+    if fits > PREFILL_ROWS:  # joins are prefilled PREFILL_ROWS at a time
+        fits = (room - PREFILL_ROWS * join) // window
+    fits = int(min(MAX_GPU_WINDOW_BUDGET, fits))
+    return max([1] + [b for b in CUDA_ROW_BUCKETS if b <= fits])
+
+
+def mels_bytes(dims, seconds: float) -> float:
+    """The fp32 log-mels of `seconds` of audio on the device."""
+    return seconds * FRAMES_PER_SECOND * dims.n_mels * 4
 
 
 def prepare_model(model, device: str, dtype: torch.dtype, low_precision_layernorm: bool = False):
@@ -97,7 +127,8 @@ class _Replayed:
     def __init__(self, model, logits: torch.Tensor, qks: dict):
         """qks: layer -> (its alignment heads' numbers, their maps (heads, tokens, frames)),
         for the layers that hold alignment heads; find_alignment reads no other map."""
-        self.dims, self.alignment_heads, self.device = model.dims, model.alignment_heads, model.device
+        # on the host: find_alignment reads the heads one by one (on the device, a sync each)
+        self.dims, self.alignment_heads, self.device = model.dims, model.alignment_heads.cpu(), model.device
         self.logits, self.qks, self.hooks = logits, qks, {}
         self.decoder = SimpleNamespace(blocks=[
             SimpleNamespace(cross_attn=SimpleNamespace(register_forward_hook=partial(self._hook, i)))
@@ -205,10 +236,7 @@ class ModelRunner:
     def mel(self, audio: np.ndarray) -> torch.Tensor:
         """(n_mels, frames + N_FRAMES): like transcribe, the log-mel of the whole audio plus
         30 s of zeros, sliced at each window's seek."""
-        samples = torch.from_numpy(audio)
-        if self.device.type == "cuda":  # from page-locked memory: the copy does not stage through another
-            samples = samples.pin_memory().to(self.device, non_blocking=True)
-        return log_mel_spectrogram(samples.to(self.device), self.dims.n_mels, padding=N_SAMPLES)
+        return log_mel_spectrogram(torch.from_numpy(audio).to(self.device), self.dims.n_mels, padding=N_SAMPLES)
 
     @torch.no_grad()
     def encode(self, mels: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -249,7 +277,7 @@ class ModelRunner:
         again), detect the language of requests that gave none (each request's first window
         decides), and add the windows to the decode batch after their prompts (whisper's
         initial tokens: <|startofprev|> and the previous text, then the SOT sequence), each at
-        its temperature, a sampled one drawing from a generator seeded with its seed."""
+        its temperature, a sampled one drawing its noise from its seed."""
         try:
             new = [job for job in jobs if job.window_id not in self._features]
             mels = [self._mels[job.request][:, job.seek: job.seek + job.size] for job in new]
@@ -267,9 +295,7 @@ class ModelRunner:
             for job, lang in zip(jobs, languages):
                 tokenizer = self.tokenizer(lang, job.task)
                 initial.append(([tokenizer.sot_prev, *job.prompt] if job.prompt else []) + list(tokenizer.sot_sequence))
-            generators = [torch.Generator(self.device).manual_seed(job.seed) if job.temperature > 0 else None
-                          for job in jobs]
-            self.batch.add(features, initial, [job.temperature for job in jobs], generators,
+            self.batch.add(features, initial, [job.temperature for job in jobs], [job.seed for job in jobs],
                            [job.window_id for job in jobs])
         except BaseException:
             self._after_failure()
@@ -288,12 +314,33 @@ class ModelRunner:
         """Ids of the windows in the decode batch."""
         return list(self.batch.tags)
 
+    def bind_thread(self) -> None:
+        """Make this runner's device the current one of the calling thread (the engine's
+        loop): CUDA graphs capture only the current device's work."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def reset(self) -> List[int]:
-        """Drop the decode batch (after a failure); returns the ids of the windows it held."""
-        tags = list(self.batch.tags)
-        self.batch = self._new_batch()
+        """Drop the decode batch's rows (after a failure), keeping its buffers and CUDA
+        graphs; returns the ids of the windows it held."""
+        tags = self.batch.clear()
         self._after_failure()
         return tags
+
+    def capture_graphs(self, rows: int) -> int:
+        """cuda: record the decode step of every shape up to `rows` rows as CUDA graphs, at
+        start-up (decoding.DecodeBatch.capture_graphs); returns the graphs held."""
+        if self.device.type != "cuda" or not self.cuda_graphs:
+            return 0
+        return self.batch.capture_graphs(rows, self.dtype)
+
+    @property
+    def graph_counts(self) -> Dict[str, int]:
+        """Token steps replayed from CUDA graphs, run eagerly, and failed captures."""
+        return dict(self.batch.counts, graphs_held=len(self.batch.graphs))
+
+    def reset_counts(self) -> None:
+        self.batch.counts.update(graph_steps=0, eager_steps=0)
 
     def _after_failure(self) -> None:
         if self.device.type == "cuda":

@@ -24,9 +24,11 @@ def decode_windows(
     rules: TokenRules,
     temperatures: Union[float, Sequence[float]] = 0.0,
     max_new_tokens: Optional[int] = None,
-    generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+    seeds: Optional[Sequence[int]] = None,
     tokens_per_step: int = 16,
     cuda_graphs: Optional[bool] = None,
+    capture_graphs: bool = False,
+    counts: Optional[dict] = None,
 ) -> List[DecodedWindow]:
     """Decode each row of `audio_features` (n_rows, n_audio_ctx, n_state) after its own
     `initial_tokens` to its end, all rows in one DecodeBatch; results in row order."""
@@ -34,11 +36,15 @@ def decode_windows(
     if isinstance(temperatures, (int, float)):
         temperatures = [float(temperatures)] * n_rows
     batch = DecodeBatch(model, tokenizer, rules, max_new_tokens, cuda_graphs=cuda_graphs)
-    batch.add(audio_features, initial_tokens, temperatures, generators or [None] * n_rows, range(n_rows))
+    if capture_graphs:  # cuda: every step shape of this many rows, as the engine does at start-up
+        batch.capture_graphs(n_rows, audio_features.dtype)
+    batch.add(audio_features, initial_tokens, temperatures, seeds or range(n_rows), range(n_rows))
     results: List[Optional[DecodedWindow]] = [None] * n_rows
     while len(batch):
         for row, result in batch.step(tokens_per_step):
             results[row] = result
+    if counts is not None:  # graph_steps, eager_steps, capture_failures, graphs_held
+        counts.update(batch.counts, graphs_held=len(batch.graphs))
     return results
 
 

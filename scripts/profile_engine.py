@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         for rows in (1, 4, 16):
             def decode_16_tokens():
                 runner.reset()
-                runner.batch.add(features.expand(rows, -1, -1), [initial] * rows, [0.0] * rows, [None] * rows,
+                runner.batch.add(features.expand(rows, -1, -1), [initial] * rows, [0.0] * rows, [0] * rows,
                                  list(range(rows)))
                 runner.batch.horizon = 16  # decode 16 tokens whatever the rows sample
                 started = time.perf_counter()
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                                                    for r, ms in per_token.items()), flush=True)
         if not args.no_ops:
             runner.reset()
-            runner.batch.add(features.expand(16, -1, -1), [initial] * 16, [0.0] * 16, [None] * 16, list(range(16)))
+            runner.batch.add(features.expand(16, -1, -1), [initial] * 16, [0.0] * 16, [0] * 16, list(range(16)))
             runner.batch.horizon = 8
             print(f"[{name}] decode, 16 rows, top ops: {top_ops(lambda: runner.decode(8))}")
             print(f"[{name}] encoder pair, top ops: {top_ops(lambda: runner.encode(pair))}", flush=True)

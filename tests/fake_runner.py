@@ -154,6 +154,14 @@ class FakeRunner:
     def tokenizer(self, language: Optional[str], task: str):
         return TOKENIZER
 
+    graph_counts = {}
+
+    def bind_thread(self) -> None:
+        pass
+
+    def reset_counts(self) -> None:
+        pass
+
     def clock(self) -> float:
         return time.perf_counter()
 

@@ -1,6 +1,6 @@
 """The continuous decode batch gives openai-whisper's decode() tokens, token for token, at
 temperature 0 on real 30 s windows (tiny.en): for a batch, for rows with prompts, and for
-rows that join a batch already decoding; sampled rows depend only on their own generator."""
+rows that join a batch already decoding; sampled rows depend only on their own seed."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from conftest import SHARED_AUDIO as AUDIO
 whisper = pytest.importorskip("whisper")
 from whisper.tokenizer import get_tokenizer  # noqa: E402
 
-from decoding import DecodeBatch, TokenRules  # noqa: E402
+from decoding import ALL_ROWS, DecodeBatch, TokenRules  # noqa: E402
 from decode_checks import HostSyncs, decode_windows, syncs_in_token_loop  # noqa: E402  (scripts/)
 
 FILES = ["jfk/jfk.flac", "english/mfa_acoustic_corpus.wav", "english/LJ002-0020.wav",
@@ -66,11 +66,10 @@ def test_rows_with_prompts_of_different_lengths(model, mels):
 def test_sampling_at_temperature_keeps_timestamp_rules(model, mels):
     tokenizer = get_tokenizer(False, language="en", task="transcribe")
     rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
-    generators = [torch.Generator().manual_seed(k) for k in range(2)]
     with torch.no_grad():
         features = model.encoder(mels[:2])
     ours = decode_windows(model, features, [tokenizer.sot_sequence] * 2, tokenizer, rules,
-                          temperatures=1.0, generators=generators, max_new_tokens=60)
+                          temperatures=1.0, seeds=[0, 1], max_new_tokens=60)
     for row in ours:
         stamps = [t for t in row.tokens if t >= tokenizer.timestamp_begin]
         assert stamps and stamps[0] <= tokenizer.timestamp_begin + 50  # first <= 1.0 s
@@ -96,37 +95,38 @@ def test_rows_joining_a_running_batch_decode_as_alone(model, mels):
 
     batch = DecodeBatch(model, tokenizer, rules)
     got = {}
-    batch.add(features[:1], initial[:1], [0.0], [None], [0])
+    batch.add(features[:1], initial[:1], [0.0], [0], [0])
     got.update(batch.step(5))
-    batch.add(features[1:3], initial[1:3], [0.0, 0.0], [None, None], [1, 2])  # join mid-decode
+    batch.add(features[1:3], initial[1:3], [0.0, 0.0], [1, 2], [1, 2])  # join mid-decode
     got.update(batch.step(7))
-    batch.add(features[3:], initial[3:], [0.0], [None], [3])
+    batch.add(features[3:], initial[3:], [0.0], [3], [3])
     while len(batch):
         got.update(batch.step(3))
     assert [got[i].tokens for i in range(4)] == alone
 
 
-def test_a_sampled_row_depends_only_on_its_own_generator(model, mels):
+def test_a_sampled_row_depends_only_on_its_own_seed(model, mels):
     tokenizer = get_tokenizer(False, language="en", task="transcribe")
     rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
     with torch.no_grad():
         features = model.encoder(mels)
     initial = [tokenizer.sot_sequence] * 4
 
-    def sampled_first_row(neighbours: int):
-        generators = [torch.Generator().manual_seed(7)] + [torch.Generator().manual_seed(100 + k)
-                                                          for k in range(neighbours)]
+    def sampled_first_row(neighbours: int, seed: int = 7, tokens_per_step: int = 16):
         temps = [0.8] + [1.0] * neighbours
         return decode_windows(model, features[: 1 + neighbours], initial[: 1 + neighbours], tokenizer,
-                              rules, temperatures=temps, generators=generators, max_new_tokens=60)[0].tokens
+                              rules, temperatures=temps, seeds=[seed] + [100 + k for k in range(neighbours)],
+                              max_new_tokens=60, tokens_per_step=tokens_per_step)[0].tokens
 
-    assert sampled_first_row(0) == sampled_first_row(3)
+    alone = sampled_first_row(0)
+    # the same among neighbours and in other chunkings of the tokens; another seed differs
+    assert alone == sampled_first_row(3) == sampled_first_row(3, tokens_per_step=5)
+    assert alone != sampled_first_row(0, seed=8)
 
 
 def _syncs_per_chunk(model, features, tokenizer, rules, temperatures, tokens):
     batch = DecodeBatch(model, tokenizer, rules)
-    generators = [torch.Generator().manual_seed(k) if t > 0 else None for k, t in enumerate(temperatures)]
-    batch.add(features, [tokenizer.sot_sequence] * len(temperatures), temperatures, generators,
+    batch.add(features, [tokenizer.sot_sequence] * len(temperatures), temperatures, range(len(temperatures)),
               range(len(temperatures)))
     batch.horizon = max(batch.horizon, tokens)
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_the_gpu_layout_decodes_as_fp32_on_cpu(model, mels, layernorm):
             dtype if low else torch.float32}
         features = runner.encode(list(mels))
         sot = list(runner.tokenizer("en", "transcribe").sot_sequence)
-        runner.batch.add(features, [sot] * len(mels), [0.0] * len(mels), [None] * len(mels), range(len(mels)))
+        runner.batch.add(features, [sot] * len(mels), [0.0] * len(mels), list(range(len(mels))), range(len(mels)))
         done = {}
         while runner.decoding:
             done.update((tag, result.tokens) for tag, result in runner.decode(16))
@@ -173,16 +173,41 @@ def test_the_gpu_layout_decodes_as_fp32_on_cpu(model, mels, layernorm):
     assert tokens(torch.float16) == tokens(torch.float32)
 
 
-def test_sampling_without_generators_uses_torchs_own(model, mels):
+def test_the_graphs_sampling_path_gives_the_eager_tokens(model, mels):
+    """A CUDA graph samples with noise computed for every row, masked by temperature
+    (ALL_ROWS); eagerly only the sampled rows get noise. Forced here on the CPU (a batch
+    that believes it replays graphs and has none captured runs that path eagerly), both
+    give the same tokens, greedy and sampled rows mixed."""
     tokenizer = get_tokenizer(False, language="en", task="transcribe")
     rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
     with torch.no_grad():
-        features = model.encoder(mels[:1])
-    torch.manual_seed(3)
-    first = decode_windows(model, features, [tokenizer.sot_sequence], tokenizer, rules, temperatures=1.0)[0]
-    torch.manual_seed(3)
-    again = decode_windows(model, features, [tokenizer.sot_sequence], tokenizer, rules, temperatures=1.0)[0]
-    assert first.temperature == 1.0 and first.tokens == again.tokens
+        features = model.encoder(mels)
+    temperatures = [0.0, 0.6, 0.0, 1.0]
+
+    def run(graph_path: bool):
+        batch = DecodeBatch(model, tokenizer, rules, max_new_tokens=60, graph_api=object() if graph_path else None,
+                            cuda_graphs=graph_path)
+        assert batch.cuda_graphs is graph_path
+        batch.add(features, [tokenizer.sot_sequence] * 4, temperatures, [5, 6, 7, 8], range(4))
+        got = {}
+        while len(batch):
+            got.update(batch.step(8))
+        return [got[k].tokens for k in range(4)]
+
+    assert run(True) == run(False)
+
+
+def test_gumbel_noise_is_a_function_of_seed_step_and_token():
+    from decoding import _mix32, gumbel_noise
+
+    keys = _mix32(torch.arange(1000))
+    a = gumbel_noise(torch.tensor([7, 8]), torch.tensor([3, 3]), keys)
+    b = gumbel_noise(torch.tensor([8, 7, 7]), torch.tensor([3, 3, 4]), keys)
+    assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0]) and not torch.equal(a[0], b[2])
+    assert torch.isfinite(a).all()
+    # Gumbel(0, 1): mean 0.5772, variance pi^2 / 6
+    big = gumbel_noise(torch.arange(200), torch.zeros(200, dtype=torch.long), keys).flatten()
+    assert abs(big.mean().item() - 0.5772) < 0.02 and abs(big.var().item() - 1.6449) < 0.05
 
 
 def test_cuda_buckets_and_spans_on_cpu_decode_as_exact_sizes(model, mels):
@@ -203,8 +228,8 @@ def test_cuda_buckets_and_spans_on_cpu_decode_as_exact_sizes(model, mels):
     got, rows_seen, moved = {}, set(), []
     compact = batch._compact
     batch._compact = lambda live: (moved.append([k for k in live if k >= batch._bucket(len(live))]), compact(live))
-    batch.add(features[:2], initial[:2], [0.0, 0.0], [None, None], [0, 1])
-    batch.add(features[2:], initial[2:], [0.0], [None], [2])  # three rows: a bucket of four
+    batch.add(features[:2], initial[:2], [0.0, 0.0], [0, 1], [0, 1])
+    batch.add(features[2:], initial[2:], [0.0], [2], [2])  # three rows: a bucket of four
     while len(batch):
         rows_seen.add(batch._rows())
         got.update(batch.step(4))
@@ -221,16 +246,44 @@ def test_a_token_step_writes_only_into_its_buffers(model, mels):
     with torch.no_grad():
         features = model.encoder(mels[:2])
     batch = DecodeBatch(model, tokenizer, rules)
-    batch.add(features, [tokenizer.sot_sequence] * 2, [0.0, 0.0], [None, None], [0, 1])
+    batch.add(features, [tokenizer.sot_sequence] * 2, [0.0, 0.0], [0, 1], [0, 1])
     before = {name: t.data_ptr() for name, t in batch.state.items()}
     caches = [t.data_ptr() for t in batch._buffers()]
     position = batch.state["next_position"].clone()
     with torch.no_grad():
-        for _ in range(3):
-            batch._token_step(2, batch._span(3), None, [])
+        for sampled in (None, ALL_ROWS, None):  # greedy, and the graphs' sampling path
+            batch._token_step(2, batch._span(3), sampled)
     assert {name: t.data_ptr() for name, t in batch.state.items()} == before
     assert [t.data_ptr() for t in batch._buffers()] == caches
     assert (batch.state["next_position"] == position + 3).all()  # the counters moved on the device
+
+
+def test_a_token_step_copies_no_cache(model, mels):
+    """The self-attention cache is head-major: attention reads its (rows, heads, span)
+    slices in place. No op of a token step copies more than a row's worth per row."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    tokenizer = get_tokenizer(False, language="en", task="transcribe")
+    rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
+    with torch.no_grad():
+        features = model.encoder(mels)
+    batch = DecodeBatch(model, tokenizer, rules)
+    batch.add(features, [tokenizer.sot_sequence] * 4, [0.0] * 4, range(4), range(4))
+
+    class Copies(TorchDispatchMode):
+        found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = str(func)
+            if any(op in name for op in ("clone", "copy", "contiguous")) and isinstance(out, torch.Tensor):
+                self.found.append((name, out.numel()))
+            return out
+
+    with torch.no_grad(), Copies():
+        batch._token_step(4, 64, None)
+    row = model.dims.n_text_state
+    assert not [(op, n) for op, n in Copies.found if n > 4 * row], Copies.found
 
 
 def test_word_timestamps_of_many_windows_in_one_pass_match_whisper_per_window(model, mels):
@@ -268,3 +321,115 @@ def test_word_timestamps_of_many_windows_in_one_pass_match_whisper_per_window(mo
             assert g["start"] == pytest.approx(r["start"], abs=0.021)
             assert g["end"] == pytest.approx(r["end"], abs=0.021)
     assert sum(len(segs[0]["words"]) for segs in ours[:-1]) > 20 and ours[-1][0]["words"] == []
+
+
+class FakeGraphs:
+    """torch.cuda's graph API as DecodeBatch uses it, on the CPU: capture contexts that
+    succeed (the graph then replays the step it was captured for) or raise at exit, as
+    torch.cuda.graph's capture_end does when a capture is invalidated."""
+
+    def __init__(self, fail_at=None):
+        self.fail_at, self.log, self.captures = fail_at, [], 0
+
+    def graph(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(pool=lambda: "pool", replay=None)
+
+    def stream_context(self):
+        log = self.log
+
+        class Stream:
+            def __enter__(self):
+                log.append("stream in")
+
+            def __exit__(self, *exc):
+                log.append("stream out")
+
+        return Stream()
+
+    def capture(self, graph, pool):
+        fake = self
+
+        class Capture:
+            def __enter__(self):
+                fake.captures += 1
+
+            def __exit__(self, *exc):
+                if fake.captures == fake.fail_at:
+                    raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+        return Capture()
+
+    def abandon(self, graph):
+        self.log.append("abandoned")
+
+
+def graph_batch(model, api):
+    from decoding import CUDA_ROW_BUCKETS
+
+    tokenizer = get_tokenizer(False, language="en", task="transcribe")
+    rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
+    batch = DecodeBatch(model, tokenizer, rules, max_new_tokens=40, row_buckets=CUDA_ROW_BUCKETS, span_step=64,
+                        cuda_graphs=True, graph_api=api)
+    return batch, tokenizer
+
+
+def test_graphs_are_captured_at_start_for_every_shape_and_replayed(model, mels):
+    from functools import partial
+
+    api = FakeGraphs()
+    batch, tokenizer = graph_batch(model, api)
+    with torch.no_grad():
+        held = batch.capture_graphs(3, torch.float32)
+        features = model.encoder(mels[:3])
+    assert len(batch.slots) == 4 and held == len(batch.graphs) == 3 * 7 * 2  # buckets 1, 2, 4; 7 spans; sampling
+    assert api.log == ["stream in", "stream out"] * held  # each capture on the capture stream, then back
+    for (rows, span, sampling), graph in batch.graphs.items():
+        graph.replay = partial(batch._token_step, rows, span, ALL_ROWS if sampling else None)
+    batch.add(features, [tokenizer.sot_sequence] * 3, [0.0, 0.7, 0.0], [1, 2, 3], range(3))
+    got = {}
+    while len(batch):
+        got.update(batch.step(8))
+    assert batch.counts["graph_steps"] > 0 and batch.counts["eager_steps"] == 0
+    eager = decode_windows(model, features, [tokenizer.sot_sequence] * 3, tokenizer, batch.rules,
+                           temperatures=[0.0, 0.7, 0.0], seeds=[1, 2, 3], max_new_tokens=40)
+    assert [got[k].tokens for k in range(3)] == [e.tokens for e in eager]
+
+
+def test_a_failed_capture_restores_the_stream_and_leaves_the_batch_eager(model, mels, caplog):
+    api = FakeGraphs(fail_at=5)
+    batch, tokenizer = graph_batch(model, api)
+    with torch.no_grad():
+        assert batch.capture_graphs(3, torch.float32) == 0
+        features = model.encoder(mels[:2])
+    assert api.log[-3:] == ["stream in", "stream out", "abandoned"]  # restored even though capture_end raised
+    assert not batch.graphs and not batch.cuda_graphs and batch.counts["capture_failures"] == 1
+    assert [r.levelname for r in caplog.records if "CUDA graph failed" in r.getMessage()] == ["ERROR"]
+    batch.add(features, [tokenizer.sot_sequence] * 2, [0.0, 0.0], [0, 1], range(2))
+    while len(batch):
+        batch.step(8)
+    assert batch.counts["eager_steps"] > 0 and batch.counts["graph_steps"] == 0
+
+
+def test_the_gpu_budget_counts_joins_and_rounds_down_to_a_bucket():
+    """On an 80 GB card: each model's budget is a row bucket, its rows and one prefill of
+    the windows joining together fit the memory the budget may take, and large-v3 (the
+    review's case of a first full join at the card's size) is held to a small batch."""
+    from whisper.model import ModelDimensions
+
+    from decoding import CUDA_ROW_BUCKETS, PREFILL_ROWS
+    from runner import gpu_window_budget, join_bytes, mels_bytes, window_bytes
+
+    free = int(84.5e9)
+    shapes = {
+        "base": ModelDimensions(80, 1500, 512, 8, 6, 51865, 448, 512, 8, 6),
+        "large-v3": ModelDimensions(128, 1500, 1280, 20, 32, 51866, 448, 1280, 20, 32),
+    }
+    budgets = {}
+    for name, dims in shapes.items():
+        budget = budgets[name] = gpu_window_budget("cuda", dims, 8 * 3600, free_bytes=free)
+        assert budget in CUDA_ROW_BUCKETS
+        peak = budget * window_bytes(dims) + min(budget, PREFILL_ROWS) * join_bytes(dims) + mels_bytes(dims, 8 * 3600)
+        assert peak <= 0.5 * free
+    assert budgets["base"] >= 512 and budgets["large-v3"] <= 64
