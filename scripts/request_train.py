@@ -79,26 +79,25 @@ class Arrival:
         return self.status == 200
 
 
-def fire(client: WhisperClient, arrival: Arrival, payload: bytes, t0: float, options: dict) -> Arrival:
-    started = time.monotonic()
-    arrival.sent_at = round(started - t0, 4)
+def fire(client: WhisperClient, arrival: Arrival, payload: bytes, options: dict, clock=time.monotonic) -> Arrival:
+    started = clock()
     try:
         # stream=True: post() returns when the headers arrive, before the body is read
         response = client.post(payload, filename=Path(arrival.file).name, stream=True, **options)
-        arrival.ttfb_s = round(time.monotonic() - started, 4)
+        arrival.ttfb_s = round(clock() - started, 4)
         with response:
             response.content  # noqa: B018 - read the body inside the clock
-            arrival.latency_s = round(time.monotonic() - started, 4)
+            arrival.latency_s = round(clock() - started, 4)
         arrival.status = response.status_code
         if not response.ok:
             arrival.error = error_from_response(response).message
     except ClientError as e:
         arrival.status, arrival.error = (e.status if e.status is not None else str(e.code)), e.message
-        arrival.latency_s = round(time.monotonic() - started, 4)
+        arrival.latency_s = round(clock() - started, 4)
     except Exception as e:  # a read timeout while streaming the body, a reset connection
         arrival.status = "timeout" if "timed out" in str(e).lower() else "connection_error"
         arrival.error = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        arrival.latency_s = round(time.monotonic() - started, 4)
+        arrival.latency_s = round(clock() - started, 4)
     return arrival
 
 
@@ -110,8 +109,11 @@ def run_train(
     options: dict,
     max_in_flight: int = 256,
     progress: bool = True,
+    clock=time.monotonic,
+    sleep=time.sleep,
 ) -> tuple[list[Arrival], float]:
-    """Fire the schedule; returns (arrivals, wall seconds until the last answer or timeout)."""
+    """Fire the schedule; returns (arrivals, wall seconds until the last answer or timeout).
+    `clock` and `sleep` keep the time (a test passes its own)."""
     payloads = {path: path.read_bytes() for path in files}
     arrivals = [Arrival(i, str(files[i % len(files)]), round(t, 4)) for i, t in enumerate(schedule)]
     bar = tqdm(total=len(arrivals), unit="req", disable=not progress, dynamic_ncols=True, desc="answers")
@@ -128,13 +130,14 @@ def run_train(
     # the pool is sized for every request that can be open at once, so sending never waits
     pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="train")
     futures = []
-    t0 = time.monotonic()
+    t0 = clock()
     try:
         for arrival in arrivals:
-            delay = t0 + arrival.planned_at - time.monotonic()
+            delay = t0 + arrival.planned_at - clock()
             if delay > 0:
-                time.sleep(delay)
-            future = pool.submit(fire, client, arrival, payloads[Path(arrival.file)], t0, options)
+                sleep(delay)
+            arrival.sent_at = round(clock() - t0, 4)  # handed to its own thread, which sends at once
+            future = pool.submit(fire, client, arrival, payloads[Path(arrival.file)], options, clock)
             future.add_done_callback(done)
             futures.append(future)
         # requests time out on their own (client timeout); this only guards against a hang
@@ -142,7 +145,7 @@ def run_train(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
-    wall = time.monotonic() - t0
+    wall = clock() - t0
     return arrivals, wall
 
 

@@ -532,14 +532,34 @@ def test_bulk_run_load_by_duration_and_failures(recorder, tmp_path):
     assert 0.3 <= wall < 2
 
 
+class FakeClock:
+    """A clock that moves only when the code under test sleeps."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.slept = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 6))
+        self.now += seconds
+
+
 def test_request_train_fires_on_schedule(recorder, tmp_path):
+    """Each request goes out at its planned time: the train sleeps exactly the gaps of the
+    schedule (on its own clock, so a busy machine cannot make it look late)."""
     files = [write_wav(tmp_path / "a.wav", 0.1)]
     schedule = request_train.arrival_schedule(20, 0.5)
-    arrivals, wall = request_train.run_train(client.WhisperClient(recorder.url), files, schedule, options={}, progress=False)
-    assert len(arrivals) == 10 and all(a.ok for a in arrivals)
-    assert all(abs(a.sent_at - a.planned_at) < 0.1 for a in arrivals)
-    assert all(0 < a.ttfb_s <= a.latency_s for a in arrivals)
-    assert 0.45 <= wall < 2
+    clock = FakeClock()
+    arrivals, wall = request_train.run_train(client.WhisperClient(recorder.url), files, schedule, options={},
+                                             progress=False, clock=clock, sleep=clock.sleep)
+    assert len(arrivals) == 10 and all(a.ok for a in arrivals) and len(recorder.requests) == 10
+    assert [a.sent_at for a in arrivals] == [a.planned_at for a in arrivals] == schedule
+    assert clock.slept == [0.05] * 9
+    assert all(0 <= a.ttfb_s <= a.latency_s for a in arrivals)
+    assert wall == pytest.approx(0.45)
     summary = request_train.summarize(arrivals, 0.5, wall)
     assert summary["offered_rate"] == 20 and summary["ok"] == 10
 
