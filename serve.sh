@@ -22,6 +22,12 @@
 #   WHISPER_MODEL_STORE  where whisper.mar is built            (default: ./model-store)
 #   WHISPER_HEALTH_TIMEOUT  seconds to wait for /ping          (default: 600)
 #   WHISPER_OPENAI_LISTEN   where the OpenAI-compatible proxy listens (default: 0.0.0.0:8000)
+#   WHISPER_DRAIN_TIMEOUT_S  seconds a stop waits for requests in flight (default: 300)
+#   WHISPER_TORCH_INDEX_URL  --install: take torch from this index (another CUDA build, or CPU)
+#
+# Stopping drains: SIGTERM or Ctrl-C (and --stop) makes /ping answer 503 Draining and new
+# requests 503 draining, waits until the requests in flight are answered (at most
+# WHISPER_DRAIN_TIMEOUT_S), then stops TorchServe and exits 0; a second signal stops at once.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,12 +40,15 @@ LOG_DIR="${WHISPER_LOG_DIR:-$ROOT/logs}"
 MODEL_STORE="${WHISPER_MODEL_STORE:-$ROOT/model-store}"
 TS_CONFIG="$ROOT/config/config.properties"
 HEALTH_TIMEOUT="${WHISPER_HEALTH_TIMEOUT:-600}"
+DRAIN_TIMEOUT="${WHISPER_DRAIN_TIMEOUT_S:-300}"
+DRAIN_DIR="$RUN_DIR/drain"  # serve.sh marks "draining" here; each worker reports its requests in flight
+PLUGINS_DIR="$MODEL_STORE/plugins"
 PYTHON_BIN="${PYTHON:-python3}"
 
 log() { printf '[serve.sh] %s\n' "$*" >&2; }
 die() { printf '[serve.sh] error: %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 
 # The address TorchServe will use: the environment wins (enable_envvars_config=true),
 # then config.properties.
@@ -60,7 +69,8 @@ install_system_packages() {
   local missing=()
   [ "$OPENAI" = 1 ] && ! command -v nginx >/dev/null 2>&1 && ! [ -x /usr/sbin/nginx ] && missing+=(nginx-light)
   command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
-  command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+  # the JDK: TorchServe runs on Java 17, and javac builds the /ping plugin (config/ping-plugin)
+  command -v java >/dev/null 2>&1 && command -v javac >/dev/null 2>&1 || missing+=(openjdk-17-jdk-headless)
   command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -73,7 +83,9 @@ install_system_packages() {
         ffmpeg) log "warning: ffmpeg not found (m4a, webm, opus... uploads will be refused); install it, e.g. apt-get install ffmpeg" ;;
         curl|ca-certificates) die "curl is required (health checks); install it" ;;
         nginx-light) die "nginx is required for --openai; install it, e.g. apt-get install nginx-light" ;;
-        *) die "Java 17 is required by TorchServe; install it, e.g. apt-get install openjdk-17-jre-headless" ;;
+        *) command -v java >/dev/null 2>&1 \
+             && log "warning: javac not found: /ping will not report draining (install openjdk-17-jdk-headless)" \
+             || die "Java 17 is required by TorchServe; install it, e.g. apt-get install openjdk-17-jdk-headless" ;;
       esac
     done
   fi
@@ -92,6 +104,12 @@ install_python_packages() {
   fi
   log "installing pinned requirements into $VENV (first run takes a few minutes)"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  if [ -n "${WHISPER_TORCH_INDEX_URL:-}" ]; then
+    # another build of the pinned torch (another CUDA, or CPU only) from the index named
+    log "torch from $WHISPER_TORCH_INDEX_URL"
+    "$VENV/bin/python" -m pip install --quiet --index-url "$WHISPER_TORCH_INDEX_URL" \
+      "$(grep -E '^torch==' "$ROOT/requirements.txt")"
+  fi
   "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
   echo "$want" > "$stamp"
 }
@@ -108,6 +126,29 @@ do_prepare() {
   python "$ROOT/scripts/download_model.py" --model "$MODEL" --output-dir "$ROOT/whisper-models"
   WHISPER_MODEL="$MODEL" WHISPER_MODEL_STORE="$MODEL_STORE" \
     "$ROOT/model-archiver/create_model_archive.sh"
+  build_ping_plugin
+}
+
+# The /ping endpoint that answers 503 Draining while the server drains (config/ping-plugin),
+# compiled against this TorchServe's own jar; rebuilt when its source changes.
+build_ping_plugin() {
+  local src="$ROOT/config/ping-plugin" jar="$PLUGINS_DIR/whisper-ping.jar" stamp want build
+  stamp="$PLUGINS_DIR/.whisper-ping.sha256"
+  want="$(cat "$src"/org/whispertorchserve/*.java "$src"/META-INF/services/* | sha256sum | cut -d' ' -f1)"
+  [ -f "$jar" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && return 0
+  if ! command -v javac >/dev/null 2>&1; then
+    log "warning: javac not found: /ping will not report draining"
+    return 0
+  fi
+  mkdir -p "$PLUGINS_DIR"
+  build="$(mktemp -d)"
+  javac -nowarn -d "$build" -cp "$("$VENV/bin/python" -c 'import ts, os; print(os.path.join(os.path.dirname(ts.__file__), "frontend", "model-server.jar"))')" \
+    "$src"/org/whispertorchserve/*.java
+  cp -r "$src/META-INF" "$build/"
+  (cd "$build" && jar cf "$jar.tmp" .) && mv -f "$jar.tmp" "$jar"
+  rm -rf "$build"
+  echo "$want" > "$stamp"
+  log "built $jar"
 }
 
 ts_env() {
@@ -118,6 +159,42 @@ ts_env() {
   # The handler's custom metrics are declared beside TorchServe's own.
   export TS_METRICS_CONFIG="${TS_METRICS_CONFIG:-$ROOT/config/metrics.yaml}"
   export PATH="$VENV/bin:$PATH"
+  export WHISPER_DRAIN_DIR="$DRAIN_DIR"  # the workers and the /ping plugin look here
+}
+
+# --- draining -------------------------------------------------------------------------
+
+frontend_pid() { cat "$RUN_DIR/tmp/.model_server.pid" 2>/dev/null || true; }
+
+start_drain() {
+  mkdir -p "$DRAIN_DIR"
+  : > "$DRAIN_DIR/draining"
+  log "draining: /ping answers 503, new requests get 503 draining; waiting up to ${DRAIN_TIMEOUT}s for the requests in flight"
+}
+
+# Every worker of the frontend has seen the mark and has nothing in flight (each writes
+# its count to worker-<pid>; handler/drain.py).
+workers_drained() {
+  local frontend worker count
+  frontend="$(frontend_pid)"
+  [ -n "$frontend" ] || return 0
+  for worker in $(pgrep -P "$frontend" -f model_service_worker || true); do
+    count="$(cat "$DRAIN_DIR/worker-$worker" 2>/dev/null || echo unknown)"
+    [ "$count" = 0 ] || return 1
+  done
+  return 0
+}
+
+# Drain (bounded), unless a second signal asks to stop at once.
+drain() {
+  local deadline=$(( $(date +%s) + DRAIN_TIMEOUT ))
+  start_drain
+  while [ "$SIGNALS" -lt 2 ]; do
+    if workers_drained; then log "drained: nothing in flight"; return 0; fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then log "drain bound (${DRAIN_TIMEOUT}s) reached: stopping with requests in flight"; return 0; fi
+    sleep 0.5 & wait $! || true  # a signal ends the wait at once
+  done
+  log "second signal: stopping now"
 }
 
 is_running() {
@@ -200,11 +277,16 @@ EOF
 
 TS_START_ARGS=(--ncs --model-store "$MODEL_STORE" --ts-config "$TS_CONFIG" --models whisper=whisper.mar
   --log-config "$ROOT/config/log4j2.xml")
+SIGNALS=0  # SIGTERM/SIGINT received: the first drains, the second stops at once
 
 do_start() {  # $1 = foreground|background
   is_running && die "already running (pid $(cat "$RUN_DIR/tmp/.model_server.pid")); ./serve.sh --stop first"
   do_prepare
   ts_env
+  # the driver, torch's CUDA build and the device chosen; a GPU asked for and unusable stops here
+  python "$ROOT/scripts/check_device.py" --device "${WHISPER_DEVICE:-auto}" || die "no usable device (above)"
+  rm -rf "$DRAIN_DIR"
+  [ -f "$PLUGINS_DIR/whisper-ping.jar" ] && TS_START_ARGS+=(--plugins-path "$PLUGINS_DIR")
   if [ "$1" = background ]; then
     # In a session of its own: --stop can then end every process it started, workers that
     # replaced dead ones included, without touching the caller's session.
@@ -215,11 +297,21 @@ do_start() {  # $1 = foreground|background
   else
     torchserve --start --foreground "${TS_START_ARGS[@]}" &
     local pid=$!
-    trap 'log "stopping"; stop_openai_proxy; torchserve --stop >/dev/null 2>&1 || kill "$pid" 2>/dev/null; wait "$pid"; exit 0' INT TERM
+    trap 'SIGNALS=$((SIGNALS + 1))' INT TERM
     wait_healthy "$pid"
     [ "$OPENAI" = 1 ] && start_openai_proxy
     print_endpoints
-    wait "$pid"
+    while [ "$SIGNALS" -eq 0 ] && kill -0 "$pid" 2>/dev/null; do
+      wait "$pid" || true  # returns when TorchServe exits or a signal comes
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      drain
+      log "stopping"
+      stop_openai_proxy
+      torchserve --stop >/dev/null 2>&1 || kill "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" || true
+    exit 0
   fi
 }
 
@@ -233,6 +325,9 @@ do_stop() {
   local pid sid
   pid="$(cat "$RUN_DIR/tmp/.model_server.pid")"
   sid="$(ps -o sid= -p "$pid" | tr -d ' ')"
+  trap 'SIGNALS=$((SIGNALS + 1))' INT TERM
+  SIGNALS=1  # as if signalled once: a signal to --stop itself stops at once
+  drain
   torchserve --stop >/dev/null 2>&1 || true
   # torchserve --stop only signals the frontend; wait until it and its workers are gone.
   for _ in $(seq 1 60); do

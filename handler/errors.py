@@ -85,3 +85,9 @@ class Overloaded(RequestError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Draining(Overloaded):
+    """The server is stopping: it finishes the requests in flight and takes no new ones."""
+
+    code = "draining"

@@ -36,6 +36,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from audio import decode_audio
 from checkpoint import describe, load_whisper
 from cpu import cpu_description
+from drain import DRAIN_DIR_ENV, Drain
 from engine import Engine, EngineConfig
 from scheduler import StepReport
 from errors import InternalError, InvalidAudio, Overloaded, RequestError
@@ -159,6 +160,8 @@ class WhisperHandler(BaseHandler):
         self.context = context  # metrics are emitted through it, also from the metrics thread
         properties = context.system_properties
         self.settings = settings = HandlerSettings.from_yaml((context.model_yaml_config or {}).get("handler"))
+        # a graceful stop: serve.sh marks the server draining, this worker reports what is in flight
+        self.drain = Drain(os.environ.get(DRAIN_DIR_ENV))
         self.model_name = settings.model
         checkpoint = os.path.join(properties.get("model_dir"), settings.checkpoint_file)
 
@@ -240,8 +243,18 @@ class WhisperHandler(BaseHandler):
         return list(await asyncio.gather(*(self._answer(i, request, context) for i, request in enumerate(data))))
 
     async def _answer(self, index: int, request: dict, context) -> bytes:
-        loop = asyncio.get_running_loop()
         request_id = context.get_request_id(index) or str(index)
+        try:
+            self.drain.enter()
+        except RequestError as err:
+            return self._error(index, request_id, context, err, False)
+        try:
+            return await self._transcribe(index, request_id, request, context)
+        finally:
+            self.drain.leave()
+
+    async def _transcribe(self, index: int, request_id: str, request: dict, context) -> bytes:
+        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         streaming = False
         try:

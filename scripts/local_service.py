@@ -95,11 +95,8 @@ def kill_session(session: int) -> List[int]:
     return pids
 
 
-def start_service(
-    root: Path, model: str = "tiny.en", extra_env: Optional[dict] = None, openai: bool = False
-) -> Service:
-    """serve.sh --background with everything under `root`; raises with the logs' tails if
-    the service does not come up."""
+def service_env(root: Path, model: str = "tiny.en", extra_env: Optional[dict] = None) -> Dict[str, str]:
+    """serve.sh's environment for a private instance: everything under `root`, free ports."""
     root = Path(root)
     ports = free_ports(7)
     env = dict(os.environ)
@@ -119,6 +116,28 @@ def start_service(
         WHISPER_OPENAI_LISTEN=f"127.0.0.1:{ports[6]}",
     )
     env.update(extra_env or {})
+    return env
+
+
+def service_of(env: Dict[str, str], model: str, openai: bool) -> Service:
+    return Service(
+        url=env["TS_INFERENCE_ADDRESS"],
+        management_url=env["TS_MANAGEMENT_ADDRESS"],
+        metrics_url=env["TS_METRICS_ADDRESS"],
+        model=model,
+        env=env,
+        log_dir=Path(env["WHISPER_LOG_DIR"]),
+        openai_url=f"http://{env['WHISPER_OPENAI_LISTEN']}/v1" if openai else None,
+    )
+
+
+def start_service(
+    root: Path, model: str = "tiny.en", extra_env: Optional[dict] = None, openai: bool = False
+) -> Service:
+    """serve.sh --background with everything under `root`; raises with the logs' tails if
+    the service does not come up."""
+    root = Path(root)
+    env = service_env(root, model, extra_env)
     proc = subprocess.run(
         [str(REPO / "serve.sh"), "--background", *(["--openai"] if openai else [])],
         env=env,
@@ -126,15 +145,7 @@ def start_service(
         text=True,
         timeout=900,
     )
-    service = Service(
-        url=env["TS_INFERENCE_ADDRESS"],
-        management_url=env["TS_MANAGEMENT_ADDRESS"],
-        metrics_url=env["TS_METRICS_ADDRESS"],
-        model=model,
-        env=env,
-        log_dir=root / "logs",
-        openai_url=f"http://127.0.0.1:{ports[6]}/v1" if openai else None,
-    )
+    service = service_of(env, model, openai)
     pid = service.pid()
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):

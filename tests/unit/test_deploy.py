@@ -284,8 +284,25 @@ def test_environment_sets_model_window_budget_and_one_worker_per_gpu():
     spec = importlib.util.spec_from_file_location("render_model_config", script)
     render = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(render)
-    known = {"WHISPER_MODEL", "WHISPER_DEVICE", *render.ENV_OVERRIDES, *render.HANDLER_ENV}
+    known = {"WHISPER_MODEL", "WHISPER_DEVICE", "WHISPER_DRAIN_TIMEOUT_S", *render.ENV_OVERRIDES, *render.HANDLER_ENV}
     assert {name for name in env if name.startswith("WHISPER_")} <= known
+
+
+def test_the_grace_period_covers_the_prestop_wait_and_the_drain():
+    """Kubernetes kills the pod terminationGracePeriodSeconds after it begins to stop: the
+    preStop wait (routing stops), then SIGTERM and serve.sh's drain (bounded by
+    WHISPER_DRAIN_TIMEOUT_S, serve.sh's default unless the manifest sets it) must fit, with
+    time left for TorchServe to stop; readiness reads /ping, which reports Draining."""
+    deployment = one("Deployment")
+    (container,) = containers(deployment)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    default = re.search(r'DRAIN_TIMEOUT="\$\{WHISPER_DRAIN_TIMEOUT_S:-(\d+)\}"', (REPO / "serve.sh").read_text())
+    drain_s = int(env.get("WHISPER_DRAIN_TIMEOUT_S", default.group(1)))
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= int(command[1]) + drain_s + 30, (grace, command, drain_s)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ping"
 
 
 def test_security_context_is_non_root(dockerfile):

@@ -93,3 +93,16 @@ def test_only_the_runner_and_its_helpers_run_torch():
         assert not imported & {"torch", "runner", "decoding", "onnx_encoder"}, (name, imported)
     engine = ast.parse((REPO / "handler" / "engine.py").read_text())
     assert not [n for n in ast.walk(engine) if isinstance(n, ast.Name) and n.id == "torch"]
+
+
+def test_the_container_check_was_run_for_the_current_image_inputs():
+    """scripts/container_check.py builds and runs the image (too long for every CI run); it
+    is run after every change of what the image is built from, and docs/container.md records
+    the run with the hash of those files."""
+    import container_check
+
+    recorded = (REPO / "docs" / "container.md").read_text()
+    current = container_check.inputs_hash()
+    assert f"sha256 {current}" in recorded, (
+        f"Dockerfile, .dockerignore, serve.sh or requirements.txt changed (sha256 {current}): run "
+        "scripts/container_check.py and record its table in docs/container.md")
