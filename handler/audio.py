@@ -45,7 +45,7 @@ from typing import Optional
 
 import numpy as np
 import soundfile as sf
-import soxr
+import librosa
 
 from errors import AudioTooLong, InvalidAudio, RequestError, UnsupportedMediaType
 
@@ -181,7 +181,9 @@ def _decode_soundfile(data: bytes, max_duration_s: Optional[float]) -> Optional[
 def _resample(mono: np.ndarray, rate: int) -> np.ndarray:
     if rate == SAMPLE_RATE or mono.size == 0:
         return np.array(mono, dtype=np.float32)  # a writable copy, clipped later in place
-    return np.asarray(soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ"), dtype=np.float32)
+    # librosa's soxr backend at high quality (soxr's "HQ", as ffmpeg's soxr resampler)
+    return np.asarray(librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE, res_type="soxr_hq"),
+                      dtype=np.float32)
 
 
 def _mp4_index_at_end(data: bytes) -> bool:
