@@ -1,6 +1,6 @@
 """`mode=sequential`: openai-whisper's own `transcribe`, one request at a time, on a worker
-thread of its own, beside the batched engine and never inside its loop, so a batched
-request never waits for a sequential one.
+thread of its own (and a copy of the model of its own), beside the batched engine and never
+inside its loop, so a batched request never waits for a sequential one.
 
 Its admission is its own: one request runs, `max_waiting` more may wait; beyond that a
 request gets 503 `overloaded` with Retry-After at once. With `vad_filter` (the default)
@@ -9,6 +9,7 @@ whisper.transcribe runs only over the runs of speech the batched engine would de
 and `hallucination_silence_threshold` are passed on.
 """
 
+import copy
 import logging
 import math
 import threading
@@ -35,7 +36,8 @@ class SequentialWorker:
 
     def __init__(self, model, fp16: bool, long_pause_s: float, min_window_speech_s: float,
                  condition_on_previous_text: bool, max_waiting: int):
-        self.model = model  # as loaded: the seed's behaviour, not the engine's reduced copy
+        self._loaded = model  # as loaded: the seed's behaviour, not the engine's reduced copy
+        self._model = None
         self.fp16 = fp16
         self.long_pause_s, self.min_window_speech_s = long_pause_s, min_window_speech_s
         self.condition_on_previous_text = condition_on_previous_text
@@ -44,6 +46,15 @@ class SequentialWorker:
         self._queued_s: List[float] = []  # audio seconds of the requests running or waiting
         self._rate = 1.0  # audio seconds per second, measured
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="whisper-sequential")
+
+    @property
+    def model(self):
+        """A copy of the model for this worker alone, made on first use. whisper's decode and
+        word timing install forward hooks on the decoder's attention layers while they run:
+        on a model shared with the engine, its steps would run through them."""
+        if self._model is None:
+            self._model = copy.deepcopy(self._loaded)
+        return self._model
 
     def submit(self, audio: np.ndarray, options: TranscriptionOptions,
                speech: Callable[[], Optional[List[Tuple[int, int]]]], request_id: str) -> Future:

@@ -397,6 +397,20 @@ def test_sequential_mode_runs_beside_the_batched_loop(model):
         assert sequential.segments.all()  # its segments came, all at once
 
 
+def test_sequential_mode_and_the_engine_decode_on_models_of_their_own(model):
+    """whisper's decode installs hooks on the decoder's attention layers while it runs: a
+    model shared with the engine broke the engine's steps (shapes of whisper's kv cache).
+    Both decoding at the same time give their own right answers."""
+    with closing(model) as e:
+        assert e.sequential.model is not e.runner.model
+        long, short = load(LONG), load(SHORT[3])
+        sequential = e.submit(long, TranscriptionOptions(mode="sequential"))
+        batched = [e.submit(short, OPTIONS) for _ in range(6)]  # while the long one decodes
+        texts = [b.result(timeout=300).text for b in batched]
+        assert texts == [alone(e, SHORT[3])] * 6
+        assert words(sequential.result(timeout=300).text)[-3:] == ["welcome", "his", "gospel"]
+
+
 def test_close_stops_the_thread(model):
     e = Engine(model, EngineConfig(**FP32))
     assert e._thread.is_alive()
