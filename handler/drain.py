@@ -64,8 +64,8 @@ class Drain:
                         self._start_draining()
 
     def _start_draining(self) -> None:
+        self._report()  # first: whoever waits on `draining` finds the report written
         self.draining.set()
-        self._report()
 
     def _report(self) -> None:
         """worker-<pid> := the count in flight (written whole: a reader never sees half)."""
