@@ -121,11 +121,13 @@ def build(image: str, base: str) -> float:
     for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST"):
         if os.environ.get(name):
             args += ["--build-arg", f"{name}={os.environ[name]}"]
-    say(f"building {image} on {base}")
+    # BuildKit where the buildx plugin is installed, else the classic builder (Debian's docker.io)
+    buildkit = docker("buildx", "version", check=False).returncode == 0
+    say(f"building {image} on {base} ({'BuildKit' if buildkit else 'the classic builder'})")
     started = time.monotonic()
     try:
-        subprocess.run(["docker", "build", "--progress=plain", *args, "-t", image, str(REPO)], check=True,
-                       env=dict(os.environ, DOCKER_BUILDKIT="0"))
+        subprocess.run(["docker", "build", *(["--progress=plain"] if buildkit else []), *args, "-t", image,
+                        str(REPO)], check=True, env=dict(os.environ, DOCKER_BUILDKIT="1" if buildkit else "0"))
     finally:
         context_ca.unlink(missing_ok=True)
     return time.monotonic() - started
