@@ -55,7 +55,7 @@ RUN if [ -n "${EXTRA_CA_CERTS}" ]; then \
     fi \
     && rm -rf /tmp/extra-ca \
     && useradd --create-home --uid 1000 model-server \
-    && chown 1000:1000 /home/model-server/app \
+    && chown 1000:1000 /home/model-server /home/model-server/app \
     && WHISPER_TORCH_INDEX_URL="${TORCH_INDEX_URL}" ./serve.sh --install \
     && rm -rf /var/lib/apt/lists/* /root/.cache
 
