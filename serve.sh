@@ -169,6 +169,30 @@ ts_env() {
 
 frontend_pid() { cat "$RUN_DIR/tmp/.model_server.pid" 2>/dev/null || true; }
 
+# Processes read from /proc (slim images have no procps): "pid ppid sid" per line.
+processes() {
+  local stat line fields
+  for stat in /proc/[0-9]*/stat; do
+    line="$(cat "$stat" 2>/dev/null)" || continue
+    fields="${line##*) }"  # after "pid (comm) ": state ppid pgrp session ...
+    # shellcheck disable=SC2086
+    set -- $fields
+    echo "${stat//[^0-9]/} $2 $4"
+  done
+}
+
+session_of() { processes | awk -v pid="$1" '$1 == pid { print $3 }'; }
+session_pids() { processes | awk -v sid="$1" '$3 == sid { print $1 }'; }
+
+# The frontend's model workers (its children running ts/model_service_worker.py).
+worker_pids() {
+  local pid
+  for pid in $(processes | awk -v ppid="$1" '$2 == ppid { print $1 }'); do
+    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q model_service_worker && echo "$pid"
+  done
+  return 0
+}
+
 start_drain() {
   mkdir -p "$DRAIN_DIR"
   : > "$DRAIN_DIR/draining"
@@ -181,7 +205,7 @@ workers_drained() {
   local frontend worker count
   frontend="$(frontend_pid)"
   [ -n "$frontend" ] || return 0
-  for worker in $(pgrep -P "$frontend" -f model_service_worker || true); do
+  for worker in $(worker_pids "$frontend"); do
     count="$(cat "$DRAIN_DIR/worker-$worker" 2>/dev/null || echo unknown)"
     [ "$count" = 0 ] || return 1
   done
@@ -327,7 +351,7 @@ do_stop() {
   fi
   local pid sid
   pid="$(cat "$RUN_DIR/tmp/.model_server.pid")"
-  sid="$(ps -o sid= -p "$pid" | tr -d ' ')"
+  sid="$(session_of "$pid")"
   trap 'SIGNALS=$((SIGNALS + 1))' INT TERM
   SIGNALS=1  # as if signalled once: a signal to --stop itself stops at once
   drain
@@ -343,9 +367,12 @@ do_stop() {
   fi
   # A worker the frontend did not stop (one started to replace a dead worker while it shut
   # down) would live on orphaned: end what is left of the frontend's own session.
-  if [ -n "$sid" ] && [ "$sid" != "$(ps -o sid= -p $$ | tr -d ' ')" ] && pgrep -s "$sid" >/dev/null; then
-    log "killing $(pgrep -s "$sid" | wc -l) process(es) left in the server's session"
-    pkill -KILL -s "$sid" || true
+  local left
+  left="$( [ -n "$sid" ] && [ "$sid" != "$(session_of $$)" ] && session_pids "$sid" || true)"
+  if [ -n "$left" ]; then
+    log "killing $(echo "$left" | wc -l) process(es) left in the server's session"
+    # shellcheck disable=SC2086
+    kill -9 $left 2>/dev/null || true
   fi
   log "stopped"
 }
