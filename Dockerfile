@@ -46,7 +46,8 @@ WORKDIR /home/model-server/app
 # Dependencies first (cached while only code changes): the proxy's CA certificates (so
 # every download trusts them), apt packages (ffmpeg, a JDK for TorchServe and its /ping
 # plugin, curl) and the pinned Python requirements, through serve.sh --install.
-COPY Dockerfile ${EXTRA_CA_CERTS} /tmp/extra-ca/
+# (requirements.txt stands in for the CA file when there is none: COPY needs a source)
+COPY requirements.txt ${EXTRA_CA_CERTS} /tmp/extra-ca/
 COPY --chown=1000:1000 requirements.txt serve.sh ./
 COPY --chown=1000:1000 config/ config/
 RUN if [ -n "${EXTRA_CA_CERTS}" ]; then \

@@ -23,6 +23,16 @@ PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() els
 from local_service import SESSIONS, Service, free_port, running_service, session_processes, start_service  # noqa: E402,F401  (scripts/ is on the path now)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `docker` build the image (minutes): they run only when -m names them."""
+    if "docker" in (config.option.markexpr or ""):
+        return
+    left_out = [item for item in items if item.get_closest_marker("docker")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker("docker")]
+
+
 def missing(reason: str):
     """Skip a test whose inputs (../shared, a checkpoint) are not here; under CI (the
     environment variable CI set) fail it instead, so a broken checkout never passes by
