@@ -160,9 +160,6 @@ ts_env() {
   export TS_METRICS_CONFIG="${TS_METRICS_CONFIG:-$ROOT/config/metrics.yaml}"
   export PATH="$VENV/bin:$PATH"
   export WHISPER_DRAIN_DIR="$DRAIN_DIR"  # the workers and the /ping plugin look here
-  # numba caches compiled functions beside their source (librosa's, for resampling): in a
-  # read-only environment (the image's /opt/venv) it needs a writable place
-  export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$RUN_DIR/numba-cache}"
 }
 
 # --- draining -------------------------------------------------------------------------

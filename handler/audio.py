@@ -45,7 +45,7 @@ from typing import Optional
 
 import numpy as np
 import soundfile as sf
-import librosa
+import soxr
 
 from errors import AudioTooLong, InvalidAudio, RequestError, UnsupportedMediaType
 
@@ -181,9 +181,10 @@ def _decode_soundfile(data: bytes, max_duration_s: Optional[float]) -> Optional[
 def _resample(mono: np.ndarray, rate: int) -> np.ndarray:
     if rate == SAMPLE_RATE or mono.size == 0:
         return np.array(mono, dtype=np.float32)  # a writable copy, clipped later in place
-    # librosa's soxr backend at high quality (soxr's "HQ", as ffmpeg's soxr resampler)
-    return np.asarray(librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE, res_type="soxr_hq"),
-                      dtype=np.float32)
+    # soxr, the resampler librosa uses for res_type="soxr_hq", called directly: librosa's
+    # resample compiles numba functions on first use (15 s on this project's CPUs, at the
+    # first resampled upload of every worker) for the same samples
+    return np.asarray(soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ"), dtype=np.float32)
 
 
 def _mp4_index_at_end(data: bytes) -> bool:
