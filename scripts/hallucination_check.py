@@ -37,7 +37,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
 
-SR = 16000
+from augment import SR, chords, clicks, rumble, silence, white_noise  # noqa: E402
+
 GAP_CLIPS = ("jfk/jfk.flac", "librispeech/test-clean/1089-134686-0000.flac")  # 11.0 s, 10.4 s
 TAIL_CLIP = "jfk/jfk.flac"
 PAST_WINDOW_CLIP = "english/OSR_us_000_0034_8k.wav"  # 35.5 s
@@ -66,51 +67,7 @@ class Result:
     seconds: float
 
 
-# ---------------------------------------------------------------- generated audio
-
-
-def silence(seconds: float) -> np.ndarray:
-    return np.zeros(int(seconds * SR), dtype=np.float32)
-
-
-def white_noise(seconds: float, rms: float, seed: int = 0) -> np.ndarray:
-    noise = np.random.default_rng(seed).standard_normal(int(seconds * SR)) * rms
-    return np.clip(noise, -1, 1).astype(np.float32)
-
-
-def rumble(seconds: float, seed: int = 1) -> np.ndarray:
-    """50 Hz hum over brown noise with its slow drift removed (energy below ~200 Hz)."""
-    n = int(seconds * SR)
-    brown = np.cumsum(np.random.default_rng(seed).standard_normal(n))
-    brown -= np.convolve(brown, np.ones(1601) / 1601, mode="same")
-    hum = np.sin(2 * np.pi * 50 * np.arange(n) / SR)
-    return np.clip(0.3 * hum + 0.2 * brown / np.abs(brown).max(), -1, 1).astype(np.float32)
-
-
-def clicks(seconds: float, per_minute: int = 120, seed: int = 2) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    n = int(seconds * SR)
-    out = np.zeros(n)
-    shape = np.exp(-np.arange(40) / 8)
-    for at in rng.integers(0, n - 40, int(per_minute * seconds / 60)):
-        out[at: at + 40] += rng.choice([-0.8, 0.8]) * shape
-    return np.clip(out, -1, 1).astype(np.float32)
-
-
-def chords(seconds: float, chord_s: float = 2.0) -> np.ndarray:
-    """Major/minor triads with three harmonics each, struck every `chord_s` seconds."""
-    n = int(seconds * SR)
-    out = np.zeros(n)
-    roots = (261.63, 220.0, 174.61, 196.0)  # C, A minor, F, G
-    thirds = (1.26, 1.19, 1.26, 1.26)
-    per = int(chord_s * SR)
-    for k in range(-(-n // per)):
-        t = np.arange(min(per, n - k * per)) / SR
-        envelope = np.exp(-1.5 * t)
-        for ratio in (1.0, thirds[k % 4], 1.5):
-            for h in (1, 2, 3):
-                out[k * per: k * per + len(t)] += envelope * np.sin(2 * np.pi * roots[k % 4] * ratio * h * t) / h
-    return (0.3 * out / np.abs(out).max()).astype(np.float32)
+# ---------------------------------------------------------------- the cases
 
 
 def load_clip(audio_dir: Path, name: str) -> np.ndarray:

@@ -38,13 +38,13 @@ def check_compute_types(compute_types: Sequence[str]) -> None:
         raise ValueError(f"compute types {list(compute_types)}: this CPU supports {sorted(supported)}")
 
 
-def describe(compute_type: str, threads: int, batch_size: Optional[int]) -> str:
+def describe(compute_type: str, threads: int, batch_size: Optional[int], beam_size: int = 5) -> str:
     """One line naming the peer's versions and settings, for a report."""
     import ctranslate2
     import faster_whisper
 
-    pipeline = (f"BatchedInferencePipeline (batch_size {batch_size}, beam 5, Silero VAD)" if batch_size
-                else "WhisperModel.transcribe (sequential, beam 5)")
+    pipeline = (f"BatchedInferencePipeline (batch_size {batch_size}, beam {beam_size}, Silero VAD)" if batch_size
+                else f"WhisperModel.transcribe (sequential, beam {beam_size})")
     return (f"faster-whisper {faster_whisper.__version__} {pipeline}, ctranslate2 "
             f"{ctranslate2.__version__} {compute_type}, {threads} threads")
 
@@ -167,11 +167,11 @@ def same_weights(checkpoint_path: str, model: str) -> str:
 
 def run_faster_whisper(
     model_dir: Path, entries, audios, compute_type: str, threads: int, given_language: bool,
-    batch_size: Optional[int],
+    batch_size: Optional[int], beam_size: int = 5,
 ) -> Tuple[Dict[str, str], float]:
-    """faster-whisper on CPU, one file after another, with its defaults as a user calls it:
-    its BatchedInferencePipeline (beam 5, Silero VAD) with `batch_size`, or with None its
-    sequential WhisperModel.transcribe (beam 5, no VAD); the same decoded 16 kHz audio the
+    """faster-whisper on CPU, one file after another, with its defaults as a user calls it
+    (beam_size 5 unless given): its BatchedInferencePipeline (Silero VAD) with `batch_size`,
+    or with None its sequential WhisperModel.transcribe (no VAD); the same decoded 16 kHz audio the
     engine gets (`audios`: file -> samples). Timed from the first file to the last (model
     load excluded, as for the engine). Returns ({file: text}, seconds)."""
     from faster_whisper import BatchedInferencePipeline, WhisperModel
@@ -180,6 +180,7 @@ def run_faster_whisper(
     model = WhisperModel(str(model_dir), device="cpu", compute_type=compute_type, cpu_threads=threads)
     pipeline = BatchedInferencePipeline(model) if batch_size else model
     options = {"batch_size": batch_size} if batch_size else {}
+    options["beam_size"] = beam_size
     texts = {}
     started = time.perf_counter()
     for e in tqdm(entries, desc=f"{PEER} {compute_type}", unit="file"):

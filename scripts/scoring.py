@@ -69,6 +69,7 @@ class ManifestEntry:
     file: str
     duration: float
     reference: str
+    condition: str = ""  # a dev set's condition (scripts/build_devset.py), "" in the shared manifest
 
     @property
     def language(self) -> str:
@@ -83,7 +84,7 @@ def read_manifest(path, language: Optional[str] = None) -> List[ManifestEntry]:
             ref = (row.get("reference_transcript") or "").strip()
             if not ref:
                 continue
-            entry = ManifestEntry(row["file"], float(row.get("duration_s") or 0), ref)
+            entry = ManifestEntry(row["file"], float(row.get("duration_s") or 0), ref, row.get("condition") or "")
             if language is None or entry.language == language:
                 entries.append(entry)
     return entries

@@ -1,9 +1,10 @@
 """scripts/evaluate.py --compare faster-whisper, end to end and for real: no mocks.
 
 The real tiny.en engine and faster-whisper's real BatchedInferencePipeline (float32 and
-int8, on the CTranslate2 files of the pinned wheels in config/models.yaml) transcribe two
-real English files of ../shared/audio in one run, offline; the printed table must carry
-every system's WER as a number. About 15 s on 2 cores.
+int8, on the CTranslate2 files of the pinned wheels in config/models.yaml) and
+openai-whisper's decode over faster-whisper's VAD chunks (`--compare chunked`) transcribe
+two real English files of ../shared/audio in one run, offline; the printed table must carry
+every system's errors per file and WER, consistent with each other. About 20 s on 2 cores.
 """
 
 import json
@@ -15,7 +16,7 @@ import pytest
 
 from conftest import PYTHON, REPO, checkpoint, missing
 
-SYSTEMS = ["batched", "fw-float32", "fw-int8"]
+SYSTEMS = ["batched", "chunked", "fw-float32", "fw-int8"]
 PERCENT = r"\s+(\d+\.\d+)%"
 
 
@@ -46,19 +47,25 @@ def test_compare_faster_whisper_prints_both_wers(shared_audio, faster_whisper_in
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [PYTHON, str(REPO / "scripts" / "evaluate.py"), str(shared_audio / "manifest.tsv"), "--engine",
-         "--model", str(model), "--compare", "faster-whisper", "--language-filter", "en", "--limit", "2"],
+         "--model", str(model), "--compare", "chunked", "--compare", "faster-whisper", "--language-filter", "en",
+         "--limit", "2", "--show-differences"],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     header = next(line for line in out.splitlines() if line.startswith("file"))
-    assert header.split()[2:] == SYSTEMS, header
+    assert header.split()[3:] == SYSTEMS, header
 
-    rows = [line for line in out.splitlines() if re.match(r"\S+\s+en" + PERCENT * 3 + r"\s*$", line)]
+    rows = [re.match(r"\S+\s+en\s+(\d+)" + r"\s+(\d+)" * len(SYSTEMS) + r"\s*$", line) for line in out.splitlines()]
+    rows = [[int(v) for v in row.groups()] for row in rows if row]  # words, then errors per system
     assert len(rows) == 2, out
-    overall = re.search(r"^overall WER\s+en" + PERCENT * 3 + r"\s*$", out, re.M)
+    overall = re.search(r"^overall WER\s+en\s+(\d+)" + PERCENT * len(SYSTEMS) + r"\s*$", out, re.M)
     assert overall, out
-    wers = dict(zip(SYSTEMS, (float(v) for v in overall.groups())))
+    words = int(overall.group(1))
+    assert words == sum(row[0] for row in rows)
+    wers = dict(zip(SYSTEMS, (float(v) for v in overall.groups()[1:])))
+    for k, name in enumerate(SYSTEMS):  # the rate is the files' errors over their words
+        assert wers[name] == pytest.approx(100 * sum(row[k + 1] for row in rows) / words, abs=0.006)
     # tiny.en on the JFK clip and a LibriSpeech utterance: every system is far under 30%.
     assert all(0 <= w < 30 for w in wers.values()), wers
 
