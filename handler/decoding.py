@@ -1,4 +1,4 @@
-"""Continuous batched decoding of 30 s windows with timestamps.
+"""Continuous batched decoding of 30 s windows, with timestamps or without.
 
 openai-whisper's `decode()` applies its timestamp rules with a Python loop over the
 batch and a `.tolist()` per row and step, and a batch runs until its slowest row ends.
@@ -87,42 +87,52 @@ def apply_rules(
     last: Tensor,
     penultimate: Tensor,
     last_timestamp: Tensor,
+    timestamps_on: Tensor,
 ) -> None:
     """Mask `logits` (n_rows, n_vocab) in place the way whisper's logit filters do.
 
     last, penultimate: the last two sampled tokens per row (-1 where there is none);
-    last_timestamp: the last sampled timestamp token per row (-1 where there is none).
+    last_timestamp: the last sampled timestamp token per row (-1 where there is none);
+    timestamps_on: per row, False where the row decodes without timestamps (its prompt
+    ends in <|notimestamps|>): as whisper.decode(without_timestamps=True), no timestamp
+    rule applies to it and <|notimestamps|> is not suppressed.
     """
     neg_inf = -np.inf
     ts_begin = rules.timestamp_begin
 
     if step == 0:
         logits.masked_fill_(rules.blank, neg_inf)
-    logits.masked_fill_(rules.suppress, neg_inf)
+    if rules.no_timestamps is not None:  # only ApplyTimestampRules suppresses it
+        kept = logits[:, rules.no_timestamps].clone()
+        logits.masked_fill_(rules.suppress, neg_inf)
+        logits[:, rules.no_timestamps] = torch.where(timestamps_on, torch.full_like(kept, neg_inf), kept)
+    else:
+        logits.masked_fill_(rules.suppress, neg_inf)
 
     # timestamps come in pairs, except directly before <|endoftext|>
     last_was_ts = last >= ts_begin
     penultimate_was_ts = (penultimate >= ts_begin) | (penultimate < 0)
-    pair_open = last_was_ts & ~penultimate_was_ts
+    pair_open = last_was_ts & ~penultimate_was_ts & timestamps_on
     logits[:, : rules.eot].masked_fill_(pair_open[:, None], neg_inf)
     # timestamps never decrease, and a segment has a nonzero length; after a closed
     # pair no timestamp may follow at all
     floor = torch.where(pair_open, last_timestamp, last_timestamp + 1)
     floor = torch.where(last_timestamp >= 0, floor, torch.zeros_like(floor))
     floor = torch.where(last_was_ts & penultimate_was_ts, torch.full_like(floor, 1 << 30), floor)
+    floor = torch.where(timestamps_on, floor, torch.zeros_like(floor))
     timestamps = logits[:, ts_begin:]
     timestamps.masked_fill_(rules.timestamp_index[None, :] < (floor - ts_begin)[:, None], neg_inf)
 
     if step == 0:
         # the first sampled token is a timestamp, no later than max_initial_timestamp
-        logits[:, :ts_begin] = neg_inf
-        logits[:, ts_begin + rules.max_initial_timestamp_index + 1 :] = neg_inf
+        logits[:, :ts_begin].masked_fill_(timestamps_on[:, None], neg_inf)
+        logits[:, ts_begin + rules.max_initial_timestamp_index + 1 :].masked_fill_(timestamps_on[:, None], neg_inf)
 
     # when the timestamps together outweigh every text token, sample a timestamp;
     # compared on logits, as the log-softmax normalizer is the same on both sides
     timestamp_mass = timestamps.float().logsumexp(dim=-1)
     max_text = logits[:, :ts_begin].max(dim=-1).values.float()
-    logits[:, :ts_begin].masked_fill_((timestamp_mass > max_text)[:, None], neg_inf)
+    logits[:, :ts_begin].masked_fill_(((timestamp_mass > max_text) & timestamps_on)[:, None], neg_inf)
 
 
 def _heads(x: Tensor, n_head: int) -> Tensor:
@@ -290,7 +300,8 @@ class DecodeBatch:
             for tag, result in batch.step(16): ...   # rows that ended in those 16 tokens
 
     features: (n, n_audio_ctx, n_audio_state); initial_tokens: per row [sot_prev, prompt...,]
-    sot, [language, task]; a row at a temperature above 0 samples with Gumbel noise drawn
+    sot, [language, task], [no_timestamps] (a row whose tokens end in <|notimestamps|>
+    decodes text only, as whisper.decode(without_timestamps=True)); a row at a temperature above 0 samples with Gumbel noise drawn
     from its seed, its token index and the token alone (gumbel_noise). Tags are the
     caller's: they come back with the results.
 
@@ -377,7 +388,7 @@ class DecodeBatch:
             "sum_logprobs": ((), torch.float32, 0.0), "no_speech": ((), torch.float32, 0.0),
             "last": ((), torch.long, -1), "penultimate": ((), torch.long, -1), "last_ts": ((), torch.long, -1),
             "done": ((), torch.bool, True), "row_temperature": ((1,), torch.float32, 1.0),
-            "seed": ((), torch.long, 0),
+            "seed": ((), torch.long, 0), "timestamps_on": ((), torch.bool, True),
         }
         state = {name: rows(self.state.get(name), shape, dt, fill) for name, (shape, dt, fill) in spec.items()}
         state["key_mask"][old:, 0] = True  # an unused row attends to one column: no all -inf row
@@ -456,6 +467,9 @@ class DecodeBatch:
             "done": torch.zeros(n_rows, dtype=torch.bool, device=device),
             "row_temperature": torch.tensor([float(t) for t in temperatures], device=device).clamp(min=GREEDY)[:, None],
             "seed": torch.tensor([int(seed) for seed in seeds], dtype=torch.long, device=device),
+            # a prompt that ends in <|notimestamps|> decodes text only (whisper's without_timestamps)
+            "timestamps_on": torch.tensor([rules.no_timestamps is None or list(t)[-1] != rules.no_timestamps
+                                           for t in initial_tokens], device=device),
             "next_tokens": torch.zeros(n_rows, dtype=torch.long, device=device),
             **{name: torch.full((n_rows,), -1, dtype=torch.long, device=device)
                for name in ("last", "penultimate", "last_ts")},
@@ -492,7 +506,7 @@ class DecodeBatch:
     def _sample_step(self, state: dict, logits: Tensor, step: int, sampled) -> None:
         """Apply the rules, sample one token per row and record it, all in place in `state`."""
         rules = self.rules
-        apply_rules(rules, logits, step, state["last"], state["penultimate"], state["last_ts"])
+        apply_rules(rules, logits, step, state["last"], state["penultimate"], state["last_ts"], state["timestamps_on"])
         tokens = _sample(logits, state, sampled, rules.vocab_keys)
         done = state["done"]
         logprobs = F.log_softmax(logits.float(), dim=-1)  # as whisper, for equal sums

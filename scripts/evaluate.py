@@ -4,8 +4,8 @@
   evaluate.py MANIFEST --engine --model whisper-models/whisper_tiny.en.pth --compare
   evaluate.py MANIFEST --engine --model whisper-models/whisper_base.pth --compare faster-whisper
   evaluate.py MANIFEST --url http://127.0.0.1:8080 --language-filter en
-  evaluate.py downloads/devset/manifest.tsv --engine --model whisper-models/whisper_base.pth \
-      --compare --compare faster-whisper --peer-pipelines batched,sequential \
+  evaluate.py downloads/devset/manifest.tsv --engine --model whisper-models/whisper_base.pth \\
+      --compare --compare faster-whisper --peer-pipelines batched,sequential \\
       --peer-compute-types float32 --peer-beam-sizes 1,5 --show-differences
 
 The table gives each file's errors (substitutions + deletions + insertions) per system,
@@ -19,7 +19,9 @@ Put MANIFEST first: --compare takes an optional value and may be given several t
 --compare chunked (engine only) decodes like faster-whisper's batched pipeline with
 openai-whisper's decoder and the engine's weights: Silero VAD spans joined into chunks of
 at most 30 s, each decoded at temperature 0 without timestamp tokens (a reference for
-accuracy work; no fallback, no segment times).
+accuracy work; no fallback, no segment times). chunked-contiguous cuts the file itself at
+pauses instead (the pauses stay in the chunks); chunked-prompted prompts each chunk with
+the previous chunk's text.
 
 --compare / --compare sequential (engine only) runs the batched engine and openai-whisper's
 sequential transcribe on the same model in one run and prints both WERs; it also reports,
@@ -40,6 +42,7 @@ beam 5 (columns fw-<type>[-seq][-greedy]).
 """
 
 import argparse
+import dataclasses
 import itertools
 import sys
 import time
@@ -53,7 +56,7 @@ from peer import (PEER, PEER_COMPUTE_TYPES, check_compute_types, ct2_model_dir, 
                   model_name_of, run_faster_whisper, same_weights)
 from scoring import ManifestEntry, Score, read_manifest, score  # noqa: E402
 
-COMPARE_CHOICES = ("sequential", "chunked", PEER)
+COMPARE_CHOICES = ("sequential", "chunked", "chunked-contiguous", "chunked-prompted", PEER)
 
 
 def load_audio(path: Path):
@@ -102,31 +105,59 @@ def run_engine(engine, entries, audios, mode: str, given_language: bool,
     return {e.file: t.text for e, t in zip(entries, transcripts)}, elapsed
 
 
-def run_chunked(model, entries, audios, given_language: bool, batch_size: int = 16) -> Tuple[Dict[str, str], float]:
+CHUNKINGS = {  # --compare name: (how chunks are cut, whether a chunk is prompted with the previous one's text)
+    "chunked": ("joined", False),
+    "chunked-contiguous": ("contiguous", False),
+    "chunked-prompted": ("joined", True),
+}
+
+
+def speech_chunks(audio, contiguous: bool, max_s: float = 30.0) -> list:
+    """Chunks of at most `max_s` seconds from faster-whisper's Silero VAD spans (160 ms
+    pauses, 400 ms padding, spans split at `max_s`): "joined" as its batched pipeline
+    does (the spans' audio concatenated, the pauses between them removed), contiguous as
+    stretches of the file itself, each ending at the pause before the next span that
+    would take it past `max_s`."""
+    from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+
+    spans = get_speech_timestamps(audio, VadOptions(max_speech_duration_s=max_s, min_silence_duration_ms=160))
+    if not contiguous:
+        return [c for c in collect_chunks(audio, spans, max_duration=max_s)[0] if len(c)]
+    chunks, start, end = [], None, None
+    for span in spans:
+        if start is not None and span["end"] - start > max_s * 16000:
+            chunks.append(audio[start:end])
+            start = None
+        start = span["start"] if start is None else start
+        end = span["end"]
+    return chunks + ([audio[start:end]] if start is not None else [])
+
+
+def run_chunked(model, entries, audios, given_language: bool, chunking: str = "joined", prompted: bool = False,
+                batch_size: int = 16) -> Tuple[Dict[str, str], float]:
     """The decoding of faster-whisper's batched pipeline with openai-whisper's decoder and
-    the engine's weights: each file cut by faster-whisper's Silero VAD (160 ms pauses, 400
-    ms padding), its speech spans joined into chunks of at most 30 s (collect_chunks), every
-    chunk decoded by whisper.decode at temperature 0 without timestamp tokens, batch_size
-    chunks at a time. A reference for the engine's accuracy work, not a serving path."""
+    the engine's weights: each file cut into speech chunks of at most 30 s (speech_chunks),
+    every chunk decoded by whisper.decode at temperature 0 without timestamp tokens,
+    batch_size chunks at a time, or with `prompted` one after another, each prompted with
+    the text of the one before. A reference for the engine's accuracy work (the engine's
+    decode batch gives whisper.decode's tokens), not a serving path."""
     import torch
     import whisper
-    from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
     from tqdm import tqdm
 
-    vad = VadOptions(max_speech_duration_s=30, min_silence_duration_ms=160)
     texts = {}
     started = time.perf_counter()
-    for e in tqdm(entries, desc="chunked", unit="file"):
-        audio = audios[e.file]
-        chunks, _ = collect_chunks(audio, get_speech_timestamps(audio, vad), max_duration=30)
+    for e in tqdm(entries, desc=f"chunked ({chunking}{', prompted' if prompted else ''})", unit="file"):
+        chunks = speech_chunks(audios[e.file], chunking == "contiguous")
         mels = [whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(c)), model.dims.n_mels)
-                for c in chunks if len(c)]
+                for c in chunks]
         language = e.language if given_language or not model.is_multilingual else None
-        options = whisper.DecodingOptions(language=language, temperature=0.0,
-                                          without_timestamps=True, fp16=False)
-        pieces = []
-        for k in range(0, len(mels), batch_size):
-            pieces += [r.text.strip() for r in whisper.decode(model, torch.stack(mels[k:k + batch_size]), options)]
+        options = whisper.DecodingOptions(language=language, temperature=0.0, without_timestamps=True, fp16=False)
+        pieces, step = [], 1 if prompted else batch_size
+        for k in range(0, len(mels), step):
+            if prompted and pieces:
+                options = dataclasses.replace(options, prompt=pieces[-1])
+            pieces += [r.text.strip() for r in whisper.decode(model, torch.stack(mels[k:k + step]), options)]
         texts[e.file] = " ".join(pieces)
     return texts, time.perf_counter() - started
 
@@ -240,10 +271,10 @@ def main(argv=None):
     parser.add_argument("--mode", choices=["batched", "sequential"], default="batched")
     parser.add_argument(
         "--compare", nargs="?", const="sequential", choices=COMPARE_CHOICES, action="append", default=[],
-        metavar="{sequential,faster-whisper}",
+        metavar="{sequential,chunked,chunked-contiguous,chunked-prompted,faster-whisper}",
         help="alone or 'sequential': also run openai-whisper's sequential transcribe (engine only); "
-        "'chunked': openai-whisper's decode over faster-whisper's VAD chunks without timestamps, fp32 "
-        "(engine only); 'faster-whisper': also run faster-whisper's BatchedInferencePipeline on CPU; repeatable",
+        "'chunked', 'chunked-contiguous', 'chunked-prompted': openai-whisper's decode over VAD chunks "
+        "without timestamps, fp32 (engine only; see above); 'faster-whisper': also run faster-whisper's BatchedInferencePipeline on CPU; repeatable",
     )
     parser.add_argument(
         "--peer-model", help="faster-whisper: model name in config/models.yaml (default: from --model's "
@@ -282,7 +313,7 @@ def main(argv=None):
                        if getattr(args, name)}
     if "sequential" in compare and args.url:
         parser.error("--compare sequential runs the engine: use --engine (or --url with --mode)")
-    if "chunked" in compare and args.url:
+    if compare & set(CHUNKINGS) and args.url:
         parser.error("--compare chunked runs the model in this process: use --engine")
     if PEER in compare and args.url and not (args.peer_model or args.model):
         parser.error("--url --compare faster-whisper: name the served model with --peer-model (e.g. base)")
@@ -352,11 +383,12 @@ def main(argv=None):
             print(f"engine stats: {engine.stats}", file=sys.stderr)
         finally:
             engine.close()
-        if "chunked" in compare:
-            hypotheses["chunked"], elapsed["chunked"] = run_chunked(
-                load_model(args.model, args.device), entries, audios, args.given_language)
-            descriptions["chunked"] = (f"openai-whisper decode {Path(args.model).name} fp32 over faster-whisper's "
-                                       "VAD chunks, no timestamps, greedy, 16 chunks a batch")
+        for name, (chunking, prompted) in CHUNKINGS.items():
+            if name in compare:
+                hypotheses[name], elapsed[name] = run_chunked(
+                    load_model(args.model, args.device), entries, audios, args.given_language, chunking, prompted)
+                descriptions[name] = (f"openai-whisper decode {Path(args.model).name} fp32 over VAD chunks "
+                                      f"({chunking}{', prompted' if prompted else ''}), no timestamps, greedy")
     if peer_dir is not None:
         for pipeline, beam, compute_type in itertools.product(peer_pipelines, peer_beams, peer_types):
             batch_size = args.peer_batch_size if pipeline == "batched" else None

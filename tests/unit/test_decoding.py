@@ -48,6 +48,30 @@ def test_matches_whisper_decode_token_for_token(model, mels):
     assert any(t >= tokenizer.timestamp_begin for t in ours[0].tokens)  # decoded with timestamps
 
 
+def test_rows_without_timestamps_match_whisper_decode_beside_rows_with(model, mels):
+    """A row whose prompt ends in <|notimestamps|> decodes as whisper.decode(without_timestamps
+    =True), token for token, in the same batch as rows with timestamps (which stay as
+    whisper.decode decodes them)."""
+    options = dict(temperature=0, fp16=False, language="en")
+    plain = whisper.decode(model, mels, whisper.DecodingOptions(without_timestamps=True, **options))
+    timed = whisper.decode(model, mels, whisper.DecodingOptions(**options))
+    tokenizer = get_tokenizer(False, language="en", task="transcribe")
+    rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
+    with torch.no_grad():
+        features = model.encoder(mels)
+    text_only = list(tokenizer.sot_sequence_including_notimestamps)
+    rows = [text_only, tokenizer.sot_sequence] * (len(FILES) // 2)  # alternating rows
+    ours = decode_windows(model, features, rows, tokenizer, rules)
+    for k, (got, row) in enumerate(zip(ours, rows)):
+        ref = (plain if row == text_only else timed)[k]
+        assert got.tokens == ref.tokens, k
+        assert got.text == ref.text
+        assert got.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
+        assert got.no_speech_prob == pytest.approx(ref.no_speech_prob, abs=1e-4)
+    assert not any(t >= tokenizer.timestamp_begin for o in ours[::2] for t in o.tokens)
+    assert all(any(t >= tokenizer.timestamp_begin for t in o.tokens) for o in ours[1::2])
+
+
 def test_rows_with_prompts_of_different_lengths(model, mels):
     tokenizer = get_tokenizer(False, language="en", task="transcribe")
     rules = TokenRules(tokenizer, model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
