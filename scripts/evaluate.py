@@ -91,14 +91,15 @@ def run_engine(engine, entries, audios, mode: str, given_language: bool,
     for e in entries:
         language = e.language if given_language else None
         requests.append((audios[e.file], make_options(mode, language, **request_options)))
+    from tqdm import tqdm
+
     started = time.perf_counter()
     if mode == "sequential":
-        from tqdm import tqdm
-
         transcripts = [engine.transcribe([r])[0] for r in tqdm(requests, desc=mode, unit="file")]
     else:
-        print(f"{mode}: {len(requests)} files in one engine call ...", file=sys.stderr, flush=True)
-        transcripts = engine.transcribe(requests)
+        # all at once, as concurrent requests; progress counts the answers in submission order
+        submissions = [engine.submit(audio, options, admit_always=True) for audio, options in requests]
+        transcripts = [s.result() for s in tqdm(submissions, desc=mode, unit="file")]
     elapsed = time.perf_counter() - started
     audio_s = sum(len(a) for a, _ in requests) / 16000
     print(f"{mode}: {audio_s:.1f} s of audio in {elapsed:.1f} s (RTFx {audio_s / elapsed:.1f})", file=sys.stderr)
