@@ -46,9 +46,9 @@ from runner import MAX_ENCODER_BATCH, ModelRunner, gpu_window_budget
 from outputs import OutputProcessor, Submission, describe_error, words_on_speech
 from scheduler import Admission, Failure, Scheduler, SchedulerConfig, StepReport
 from sequential import SequentialWorker
-from settings import HandlerSettings
-from stream import LONG_PAUSE_S, MIN_WINDOW_SPEECH_S, Request, spans_in_frames
-from vad import SileroVad
+from settings import WINDOW_MODES, HandlerSettings
+from stream import LONG_PAUSE_S, MIN_WINDOW_SPEECH_S, Request, pause_chunks, spans_in_frames
+from vad import CHUNK_MAX_SPEECH_S, CHUNK_PAUSE_MS, SileroVad
 from windows import FRAMES_PER_SECOND, Thresholds
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,10 @@ class EngineConfig:
     # Wait for the device at the edges of each phase so encode_s/decode_s are exact on cuda
     # (profiling: four syncs per step); off, the step's one sync is reading the finished rows.
     timing_syncs: bool = False
+    # "seek": Whisper's long-form decoding, 30 s windows moved by their timestamp tokens;
+    # "pauses": the speech (vad_filter) cut at pauses into chunks of at most 30 s, decoded
+    # side by side without timestamp tokens, segments cut at their timed words
+    window_mode: str = HandlerSettings.window_mode
     # Voice activity detection (requests with vad_filter): stream.py's rules
     vad_long_pause_s: float = LONG_PAUSE_S
     vad_min_window_speech_s: float = MIN_WINDOW_SPEECH_S
@@ -113,6 +117,8 @@ class EngineConfig:
                 budget = gpu_window_budget(self.device, dims, self.max_inflight_audio_s)
         if budget < 1:
             raise ValueError(f"window_budget must be at least 1, not {budget}")
+        if self.window_mode not in WINDOW_MODES:
+            raise ValueError(f"window_mode must be one of {WINDOW_MODES}, not {self.window_mode!r}")
         cpu_bf16 = (bf16_unit() is not None if self.cpu_bf16 is None else self.cpu_bf16) and not (
             cuda or self.cpu_fp16_layout)
         return replace(
@@ -222,14 +228,17 @@ class Engine:
         duration = len(audio) / SAMPLE_RATE
         self.admission.admit(duration, admit_always)  # before any work: a refusal is at once
         try:
-            speech = self._speech(audio, options)
             started = time.perf_counter()
             content_frames = self.runner.add_audio(serial, audio) - N_FRAMES
             self._add_stat("mel_s", time.perf_counter() - started)
+            chunks = None
+            if self.config.window_mode == "pauses" and options.vad_filter:
+                chunks = pause_chunks(self._speech(audio, options, chunked=True), content_frames)
+            speech = None if chunks is not None else self._speech(audio, options)
             prompt = self.runner.tokenizer("en", options.task).encode(" " + options.prompt.strip()) \
                 if options.prompt else []
             request = Request(id=request_id, serial=serial, audio=audio, options=options,
-                              content_frames=content_frames, speech=speech, prompt_tokens=tuple(prompt),
+                              content_frames=content_frames, speech=speech, chunks=chunks, prompt_tokens=tuple(prompt),
                               language=options.language if self.runner.is_multilingual else "en")
         except BaseException:
             self.admission.release(duration)
@@ -246,12 +255,16 @@ class Engine:
             self._cond.notify()
         return submission
 
-    def _speech(self, audio: np.ndarray, options: TranscriptionOptions) -> Optional[List[Tuple[int, int]]]:
-        """Speech spans in mel frames (vad_filter), or None; per-request CPU work, here."""
+    def _speech(self, audio: np.ndarray, options: TranscriptionOptions,
+                chunked: bool = False) -> Optional[List[Tuple[int, int]]]:
+        """Speech spans in mel frames (vad_filter), or None; per-request CPU work, here.
+        `chunked`: cut at short pauses and at most a window long (window_mode "pauses")."""
         if not options.vad_filter:
             return None
         started = time.perf_counter()
-        speech = spans_in_frames(self.vad.speech(audio, options.vad))
+        vad = replace(options.vad, min_silence_duration_ms=CHUNK_PAUSE_MS,
+                      max_speech_duration_s=CHUNK_MAX_SPEECH_S) if chunked else options.vad
+        speech = spans_in_frames(self.vad.speech(audio, vad))
         self._add_stat("vad_s", time.perf_counter() - started)
         return speech
 

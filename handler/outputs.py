@@ -24,7 +24,7 @@ from errors import InternalError, RequestError
 from formats import Segment, Transcript
 from scheduler import Scheduler, Window
 from stream import Proposal, Request, RequestStatus, to_segment
-from windows import Thresholds
+from windows import Thresholds, split_at_words
 from word_timing import snap_words
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,13 @@ class OutputProcessor:
             stream = window.stream
             try:
                 seek = stream.seek
-                stream.commit(timed.get(window.id, proposal))
+                proposal = timed.get(window.id, proposal)
+                if not stream.timestamps:  # one text-only segment: cut at its words
+                    r = window.request
+                    encode = self.runner.tokenizer(r.language, r.options.task).encode
+                    proposal = replace(proposal, segments=[
+                        piece for segment in proposal.segments for piece in split_at_words(segment, encode)])
+                stream.commit(proposal)
             except Exception as exc:
                 self._fail_window(window, "transcription", exc)
                 continue

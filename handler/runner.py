@@ -294,7 +294,8 @@ class ModelRunner:
             initial = []
             for job, lang in zip(jobs, languages):
                 tokenizer = self.tokenizer(lang, job.task)
-                initial.append(([tokenizer.sot_prev, *job.prompt] if job.prompt else []) + list(tokenizer.sot_sequence))
+                sot = tokenizer.sot_sequence if job.timestamps else tokenizer.sot_sequence_including_notimestamps
+                initial.append(([tokenizer.sot_prev, *job.prompt] if job.prompt else []) + list(sot))
             self.batch.add(features, initial, [job.temperature for job in jobs], [job.seed for job in jobs],
                            [job.window_id for job in jobs])
         except BaseException:

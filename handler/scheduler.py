@@ -78,6 +78,7 @@ class WindowJob:
     prompt: Tuple[int, ...]  # previous-text tokens (without <|startofprev|>)
     temperature: float
     seed: int
+    timestamps: bool = True  # False: decoded as text only (<|notimestamps|>)
 
 
 @dataclass(frozen=True)
@@ -191,22 +192,30 @@ class Scheduler:
         audio frames is finished at once."""
         c = self.config
         cuts = []
-        if c.split_long and request.duration >= 2 * c.min_stream_seconds:
+        if c.split_long and request.chunks is None and request.duration >= 2 * c.min_stream_seconds:
             n_pieces = min(int(request.duration // c.min_stream_seconds), max(1, c.window_budget // sharing))
             cuts = split_points(request.audio, n_pieces)
         o = request.options
         conditioned = c.condition_on_previous_text if o.condition_on_previous_text is None \
             else o.condition_on_previous_text
-        request.streams = [
-            Stream(clip_start=a, clip_end=b, content_frames=request.content_frames,
-                   temperatures=tuple(o.temperature),
-                   word_timestamps=o.word_timestamps or o.hallucination_silence_threshold is not None,
-                   hallucination_silence_threshold=o.hallucination_silence_threshold,
-                   initial_prompt=list(request.prompt_tokens), condition_on_previous_text=conditioned,
-                   speech=request.speech, long_pause=c.long_pause_frames,
-                   min_window_speech=c.min_window_speech_frames)
-            for a, b in stream_clips(request.content_frames, cuts)
-        ]
+        if request.chunks is not None:  # independent chunks, words timed to cut segments
+            request.streams = [
+                Stream(clip_start=a, clip_end=b, content_frames=request.content_frames,
+                       temperatures=tuple(o.temperature), word_timestamps=True, timestamps=False,
+                       initial_prompt=list(request.prompt_tokens), condition_on_previous_text=False)
+                for a, b in request.chunks
+            ]
+        else:
+            request.streams = [
+                Stream(clip_start=a, clip_end=b, content_frames=request.content_frames,
+                       temperatures=tuple(o.temperature),
+                       word_timestamps=o.word_timestamps or o.hallucination_silence_threshold is not None,
+                       hallucination_silence_threshold=o.hallucination_silence_threshold,
+                       initial_prompt=list(request.prompt_tokens), condition_on_previous_text=conditioned,
+                       speech=request.speech, long_pause=c.long_pause_frames,
+                       min_window_speech=c.min_window_speech_frames)
+                for a, b in stream_clips(request.content_frames, cuts)
+            ]
         request.status = RequestStatus.RUNNING
         request.windows = [self._new_window(request, s) for s in request.streams]
         self._requests.append(request)
@@ -329,7 +338,7 @@ class Scheduler:
             window_id=w.id, request=r.serial, seek=s.seek, size=s.window_size, encoded=w.encoded,
             language=r.language, languages=tuple(r.options.languages), task=r.options.task,
             prompt=tuple(s.prompt(self.config.n_text_ctx)), temperature=s.temperature,
-            seed=window_seed(r.options.seed, s))
+            seed=window_seed(r.options.seed, s), timestamps=s.timestamps)
 
     # ------------------------------------------------------------------ outcomes
 

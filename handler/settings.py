@@ -11,6 +11,7 @@ from typing import Mapping, Optional
 CPU_PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the CPU has AMX or AVX-512 bf16
 CPU_ENCODERS = ("auto", "torch", "onnxruntime")  # auto: onnxruntime where the precision is fp32
 SPLIT_LONG = ("auto", "on", "off")  # auto: on a GPU (EngineConfig.split_long)
+WINDOW_MODES = ("seek", "pauses")  # EngineConfig.window_mode
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class HandlerSettings:
     cpu_encoder: str = "auto"
     cuda_graphs: bool = True  # GPU: replay the decode step as CUDA graphs (off: eager)
     split_long: str = "auto"  # cut long files into pieces decoded side by side
+    window_mode: str = "seek"  # seek: Whisper's windows; pauses: speech chunks cut at pauses, text only
     log_transcripts: bool = False  # transcripts are user data
 
     @classmethod
@@ -56,6 +58,8 @@ class HandlerSettings:
             raise ValueError(f"handler.cpu_encoder must be one of {CPU_ENCODERS}, not {settings.cpu_encoder!r}")
         if settings.split_long not in SPLIT_LONG:
             raise ValueError(f"handler.split_long must be one of {SPLIT_LONG}, not {settings.split_long!r}")
+        if settings.window_mode not in WINDOW_MODES:
+            raise ValueError(f"handler.window_mode must be one of {WINDOW_MODES}, not {settings.window_mode!r}")
         if settings.default_mode not in ("batched", "sequential"):
             raise ValueError(f"handler.default_mode must be batched or sequential, not {settings.default_mode!r}")
         return settings
@@ -114,5 +118,6 @@ HANDLER_ENV = {
     "WHISPER_CPU_ENCODER": "cpu_encoder",
     "WHISPER_CUDA_GRAPHS": "cuda_graphs",
     "WHISPER_SPLIT_LONG": "split_long",
+    "WHISPER_WINDOW_MODE": "window_mode",
     "WHISPER_MAX_SEQUENTIAL_WAITING": "max_sequential_waiting",
 }

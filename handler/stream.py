@@ -42,6 +42,9 @@ from windows import (FRAMES_PER_SECOND, Thresholds, best_attempt, is_silence, ne
 # after the last complete segment, where Whisper invents text).
 LONG_PAUSE_S = 3.0
 MIN_WINDOW_SPEECH_S = 0.5
+# window_mode "pauses": a text-only window whose last word ends at least this long before
+# its chunk does is followed by a window over the rest of the chunk
+MIN_CHUNK_REST_FRAMES = round(1.5 * FRAMES_PER_SECOND)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,10 @@ class Stream:
     # whisper's hallucination_silence_threshold (seconds; needs word_timestamps): skip the
     # silence around a suspected hallucination (windows.skip_hallucinated_silence)
     hallucination_silence_threshold: Optional[float] = None
+    # False: the stream is one chunk of speech, at most one window long, decoded as a single
+    # window without timestamp tokens (window_mode "pauses"); its segment is cut at its
+    # words (windows.split_at_words)
+    timestamps: bool = True
     skipped_frames: int = 0  # frames the seek jumped over as non-speech
     skips: int = 0  # jumps of the seek over non-speech (each one a window not decoded)
     _span_ends: List[int] = field(default_factory=list, init=False, repr=False)
@@ -113,6 +120,8 @@ class Stream:
         """Mel frames of audio in the current window (at most N_FRAMES): with voice activity,
         up to the end of the speech run it starts in when that run ends inside it."""
         end = min(self.seek + N_FRAMES, self.content_frames)
+        if not self.timestamps:
+            end = min(end, self.clip_end)
         if self.speech is not None:
             end = min(end, self.speech_run_end(self.seek))
         return max(0, end - self.seek)
@@ -231,7 +240,15 @@ class Stream:
 
     def _commit_segments(self, proposal: Proposal) -> List[dict]:
         segments = proposal.segments
-        if self.word_timestamps:
+        if not self.timestamps:
+            # the decoder may end a text-only window before its chunk does (a sentence left
+            # out): the rest of the chunk after the last timed word is decoded as a window
+            last_word_end = get_end(segments)
+            if last_word_end is not None:
+                rest_from = round(last_word_end * FRAMES_PER_SECOND)
+                if proposal.seek < rest_from <= self.end - MIN_CHUNK_REST_FRAMES:
+                    self.seek = rest_from
+        elif self.word_timestamps:
             last_word_end = get_end(segments)
             if (not proposal.single_timestamp_ending and not proposal.reached_cut
                     and last_word_end is not None and last_word_end > proposal.time_offset):
@@ -280,6 +297,9 @@ class Request:
     options: Any  # TranscriptionOptions
     content_frames: int = 0
     speech: Optional[List[Tuple[int, int]]] = None  # speech spans in mel frames (vad.py); None: no VAD
+    # window_mode "pauses": the chunks of speech to decode, one text-only window each
+    # (pause_chunks); None: Whisper's windows, moved by their timestamps
+    chunks: Optional[List[Tuple[int, int]]] = None
     prompt_tokens: Tuple[int, ...] = ()  # the `prompt` option's tokens
     arrived: float = field(default_factory=time.monotonic)
     language: Optional[str] = None  # None until detected
@@ -362,6 +382,28 @@ def speech_runs(speech: Sequence[Tuple[int, int]], long_pause: int, min_speech: 
         else:
             runs.append([0 if not runs and a < long_pause else a, b, b - a])
     return [(a, b) for a, b, speech_frames in runs if speech_frames >= min_speech]
+
+
+def pause_chunks(speech: Sequence[Tuple[int, int]], content_frames: int,
+                 max_frames: int = N_FRAMES) -> List[Tuple[int, int]]:
+    """(start, end) mel frames of the chunks a request is decoded in with window_mode
+    "pauses": consecutive speech spans (vad.py's, cut at short pauses) joined while the
+    chunk from its first span's start to its last span's end fits in one window, so every
+    chunk starts and ends at a pause; a span longer than a window (the VAD cuts speech at
+    30 s) is cut into windows."""
+    chunks: List[Tuple[int, int]] = []
+    for a, b in speech:
+        a, b = max(0, a), min(b, content_frames)
+        if b <= a:
+            continue
+        if chunks and b - chunks[-1][0] <= max_frames:
+            chunks[-1] = (chunks[-1][0], b)
+            continue
+        while b - a > max_frames:
+            chunks.append((a, a + max_frames))
+            a += max_frames
+        chunks.append((a, b))
+    return chunks
 
 
 def stream_clips(content_frames: int, cuts: Sequence[int]) -> List[Tuple[int, int]]:

@@ -44,6 +44,7 @@ class VadOptions:
     min_silence_duration_ms: int = 2000  # a pause shorter than this does not end a span
     speech_pad_ms: int = 400  # added before and after each span
     min_speech_duration_ms: int = 250  # shorter spans are dropped (clicks, knocks)
+    max_speech_duration_s: float = float("inf")  # longer spans are cut (at their quietest frame)
 
 
 def _speech_timestamps_from_probs():
@@ -55,6 +56,12 @@ def _speech_timestamps_from_probs():
 
     torch.set_num_threads(threads)  # silero_vad/model.py sets it to 1 on import
     return get_speech_timestamps_from_probs
+
+
+# window_mode "pauses": chunks are cut at pauses this long (faster-whisper's batched
+# pipeline's), and no span is longer than a window
+CHUNK_PAUSE_MS = 160
+CHUNK_MAX_SPEECH_S = 30.0
 
 
 class SileroVad:
@@ -123,6 +130,7 @@ class SileroVad:
             self.probabilities(audio).tolist(), sampling_rate=SAMPLE_RATE, threshold=options.threshold,
             min_speech_duration_ms=options.min_speech_duration_ms,
             min_silence_duration_ms=options.min_silence_duration_ms,
+            max_speech_duration_s=options.max_speech_duration_s,
             speech_pad_ms=options.speech_pad_ms, audio_length_samples=len(audio),
         )
         return [(int(s["start"]), int(min(s["end"], len(audio)))) for s in spans if s["end"] > s["start"]]

@@ -183,6 +183,7 @@ class WhisperHandler(BaseHandler):
                 cpu_encoder=settings.engine_cpu_encoder,
                 cuda_graphs=settings.cuda_graphs,
                 split_long=settings.engine_split_long,
+                window_mode=settings.window_mode,
                 max_inflight_audio_s=settings.max_inflight_audio_s,
                 max_sequential_waiting=settings.max_sequential_waiting,
             ),

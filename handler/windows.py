@@ -236,6 +236,46 @@ def skip_hallucinated_silence(segments: List[dict], threshold: float, seek: int,
 # ---------------------------------------------------------------- splitting long audio
 
 
+# Segments of a text-only window, cut from its timed words (subtitle-sized)
+SEGMENT_PAUSE_S = 0.6  # a pause at least this long between two words starts a new segment
+MAX_SEGMENT_S = 10.0  # a segment longer than this is cut before the word that would pass it
+SENTENCE_ENDS = (".", "?", "!")
+ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "mt", "e.g", "i.e"}
+
+
+def ends_sentence(word: str) -> bool:
+    """The word ends a sentence: it ends in . ? or ! and is not an abbreviation or an
+    initial ("Mr.", "J.")."""
+    word = word.strip()
+    if not word.endswith(SENTENCE_ENDS):
+        return False
+    stem = word.rstrip(".?!").lower()
+    return word[-1] != "." or (len(stem) > 1 and stem not in ABBREVIATIONS)
+
+
+def split_at_words(segment: dict, encode) -> List[dict]:
+    """A window's one segment (decoded without timestamps, its words timed) as segments
+    of a subtitle's size: a new one after a word that ends a sentence (ends_sentence), at a pause of
+    SEGMENT_PAUSE_S, and before a word that would take it past MAX_SEGMENT_S; each spans
+    its words, its text is theirs and its tokens `encode(text)`. A segment without words
+    is returned as it is."""
+    words = segment.get("words") or []
+    if not words:
+        return [segment]
+    pieces: List[List[dict]] = [[words[0]]]
+    for before, word in zip(words, words[1:]):
+        if (ends_sentence(before["word"]) or word["start"] - before["end"] >= SEGMENT_PAUSE_S
+                or word["end"] - pieces[-1][0]["start"] > MAX_SEGMENT_S):
+            pieces.append([])
+        pieces[-1].append(word)
+    out = []
+    for piece in pieces:
+        text = "".join(w["word"] for w in piece)
+        out.append(dict(segment, start=piece[0]["start"], end=piece[-1]["end"], text=text,
+                        tokens=list(encode(text)), words=piece))
+    return out
+
+
 def frame_energy(audio: np.ndarray, frame_seconds: float = 0.02) -> np.ndarray:
     """RMS energy per frame."""
     n = int(SAMPLE_RATE * frame_seconds)

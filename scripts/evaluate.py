@@ -301,6 +301,9 @@ def main(argv=None):
     parser.add_argument("--given-language", action="store_true", help="pass the manifest's language instead of detecting")
     parser.add_argument("--limit", type=int, help="only the first N files")
     parser.add_argument("--window-budget", type=int, help="engine: windows per forward pass")
+    parser.add_argument("--window-mode", choices=["seek", "pauses"], default="seek",
+                        help="engine: Whisper's windows moved by timestamps, or chunks of speech cut at pauses "
+                        "decoded without timestamps (default seek)")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                         help="engine: bf16 on cpu (auto: where the cpu has AMX or AVX-512 bf16)")
     parser.add_argument("--encoder", choices=["auto", "torch", "onnxruntime"], default="auto",
@@ -367,7 +370,7 @@ def main(argv=None):
         from engine import Engine, EngineConfig
 
         config = EngineConfig(
-            device=args.device, window_budget=args.window_budget,
+            device=args.device, window_budget=args.window_budget, window_mode=args.window_mode,
             cpu_bf16={"auto": None, "on": True, "off": False}[args.bf16],
             cpu_encoder=None if args.encoder == "auto" else args.encoder,
         )

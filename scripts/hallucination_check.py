@@ -2,6 +2,7 @@
 """Words where nobody spoke: non-speech and hard audio through the service or the engine.
 
   hallucination_check.py --engine [--model whisper-models/whisper_base.pth] [--vad-filter false]
+                         [--window-mode pauses]
   hallucination_check.py --url http://127.0.0.1:8080 [--short] [--report out.json]
 
 Cases, built from generated audio and ../shared/audio (--audio-dir):
@@ -190,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio",
                         help="real speech with manifest.tsv (default %(default)s)")
     parser.add_argument("--vad-filter", choices=["true", "false"], default="true", help="the request option")
+    parser.add_argument("--window-mode", choices=["seek", "pauses"], default="seek",
+                        help="--engine: the engine's window_mode setting (default seek)")
     parser.add_argument("--condition-on-previous-text", choices=["true", "false"],
                         help="the request option (default: the server's)")
     parser.add_argument("--cases", help="comma-separated case names (default: all)")
@@ -213,7 +216,8 @@ def main(argv=None) -> int:
         from checkpoint import load_whisper
         from engine import Engine, EngineConfig
 
-        engine = Engine(load_whisper(args.model, args.device), EngineConfig(device=args.device))
+        config = EngineConfig(device=args.device, window_mode=args.window_mode)
+        engine = Engine(load_whisper(args.model, args.device), config)
         run = lambda case: run_engine_case(engine, case, request_options)  # noqa: E731
     else:
         from client import reachable_client_or_exit

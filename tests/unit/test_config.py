@@ -95,6 +95,7 @@ def test_unknown_setting_is_rejected_with_the_known_ones():
         ({"cpu_precision": "fp16"}, "cpu_precision"),
         ({"cpu_encoder": "tensorrt"}, "cpu_encoder"),
         ({"split_long": "sometimes"}, "split_long"),
+        ({"window_mode": "chunks"}, "window_mode"),
         ({"default_mode": "fast"}, "default_mode"),
     ],
 )
@@ -175,7 +176,7 @@ def test_render_handler_env_overrides(render_module, template):
         "WHISPER_MAX_DURATION_S": "30", "WHISPER_DEFAULT_MODE": "sequential", "WHISPER_WINDOW_BUDGET": "12",
         "WHISPER_MAX_INFLIGHT_AUDIO_S": "3600", "WHISPER_CPU_PRECISION": "fp32",
         "WHISPER_CPU_ENCODER": "torch", "WHISPER_MAX_SEQUENTIAL_WAITING": "2", "WHISPER_CUDA_GRAPHS": "false",
-        "WHISPER_SPLIT_LONG": "off",
+        "WHISPER_SPLIT_LONG": "off", "WHISPER_WINDOW_MODE": "pauses",
     }
     assert set(env) == set(HANDLER_ENV)  # every variable, each once
     handler = render_module.render(template, "base", "cpu", env)["handler"]
@@ -183,7 +184,7 @@ def test_render_handler_env_overrides(render_module, template):
     assert handler["window_budget"] == 12 and isinstance(handler["window_budget"], int)
     assert handler["max_inflight_audio_s"] == 3600.0 and handler["cpu_precision"] == "fp32"
     assert handler["cpu_encoder"] == "torch" and handler["cuda_graphs"] is False
-    assert handler["split_long"] == "off"
+    assert handler["split_long"] == "off" and handler["window_mode"] == "pauses"
     assert handler["max_sequential_waiting"] == 2
     # the template's keys and the ones set, typed: what the handler reads back unchanged
     assert sorted(handler) == sorted(set(template["handler"]) | {HANDLER_ENV[name] for name in env})

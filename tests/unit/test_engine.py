@@ -417,3 +417,34 @@ def test_close_stops_the_thread(model):
     e.close()
     assert not e._thread.is_alive()
     assert not any(t.name == "whisper-engine" and t is e._thread for t in threading.enumerate())
+
+
+# ---------------------------------------------------------------------------- window_mode "pauses"
+
+
+def test_pauses_mode_decodes_a_files_chunks_side_by_side_as_text(engine, model, manifest):
+    from whisper.tokenizer import get_tokenizer
+
+    from scoring import score
+    from windows import MAX_SEGMENT_S
+
+    audio = load(LONG)
+    with closing(model, window_mode="pauses") as e:
+        steps = Steps(e)
+        (t,) = e.transcribe([(audio, OPTIONS)])
+        reports = steps.reports
+        stats = dict(e.stats)
+    chunks = reports[0].streams
+    # a window per chunk, and one more where the decoder ended a chunk early (the rest of it)
+    assert chunks >= 5 and chunks <= stats["encoder_windows"] <= chunks + 2
+    assert max(r.windows for r in reports) >= 3  # chunks of the one file decode side by side
+    assert stats["word_timed_windows"] == stats["encoder_windows"]  # every window's words, to cut segments
+    timestamp_begin = get_tokenizer(False).timestamp_begin
+    assert all(token < timestamp_begin for s in t.segments for token in s.tokens)  # text only
+    assert [s.id for s in t.segments] == list(range(len(t.segments))) and len(t.segments) > chunks
+    assert all(a.end <= b.start + 0.01 for a, b in zip(t.segments, t.segments[1:]))
+    assert all(0 < s.end - s.start <= MAX_SEGMENT_S + 0.01 and s.end <= len(audio) / 16000 for s in t.segments)
+    assert all(s.words is None for s in t.segments)  # words were timed, not asked for
+    reference = manifest[LONG]["reference_transcript"]
+    seek = score(reference, alone(engine, LONG)).errors
+    assert score(reference, t.text).errors <= seek + 5  # 360 words; on the dev set it reads fewer errors

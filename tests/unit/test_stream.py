@@ -410,3 +410,71 @@ def test_stream_clips(content, cuts, clips):
 ])
 def test_speech_runs(speech, runs):
     assert speech_runs(speech, long_pause=300, min_speech=50, content_frames=6000) == runs
+
+
+# ---------------------------------------------------------------- window_mode "pauses"
+
+
+def test_pause_chunks_join_spans_up_to_a_window_and_cut_at_pauses():
+    from stream import pause_chunks
+
+    speech = [(100, 900), (950, 2000), (2100, 3200), (3300, 3400), (4000, 10500)]
+    chunks = pause_chunks(speech, content_frames=10400)
+    # (100..2000) then 2100..3200 would pass 3000 frames from 100: a new chunk at the pause
+    assert chunks[:3] == [(100, 2000), (2100, 3400), (4000, 7000)]
+    assert chunks[3:] == [(7000, 10000), (10000, 10400)]  # a span over a window is cut, the end clipped
+    assert all(b - a <= 3000 for a, b in chunks)
+    assert pause_chunks([], 5000) == [] and pause_chunks([(6000, 7000)], 5000) == []
+
+
+def test_a_text_only_stream_decodes_its_chunk_as_one_window_and_keeps_all_text():
+    s = stream(content_frames=6000, clip=(1000, 2500), timestamps=False, word_timestamps=True)
+    assert s.window_size == 1500  # the chunk, not the next 30 s of the request
+    tokens = TOKENIZER.encode(" Hello there. How are you")
+    proposal, committed = apply(s, decoded(tokens), words=[[(" Hello", 10.2, 10.5), (" there.", 10.5, 10.9),
+                                                             (" How", 12.0, 12.2), (" are", 12.2, 12.4),
+                                                             (" you", 12.4, 24.0)]])
+    assert spans(committed) == [(10.0, 25.0, " Hello there. How are you")]  # the chunk's span until cut
+    assert s.done and s.seek == 2500  # the words reach the chunk's end: no seek back to the last one
+    assert s.all_tokens == tokens
+
+
+def test_a_text_only_window_that_ends_early_is_followed_by_the_rest_of_its_chunk():
+    from stream import MIN_CHUNK_REST_FRAMES
+
+    s = stream(content_frames=6000, clip=(1000, 2500), timestamps=False, word_timestamps=True)
+    apply(s, decoded(TOKENIZER.encode(" Hello there.")), words=[[(" Hello", 10.2, 10.5), (" there.", 10.5, 16.0)]])
+    assert not s.done and s.seek == 1600 and s.window_size == 900  # the decoder stopped 9 s early
+    apply(s, decoded(TOKENIZER.encode(" The rest.")), words=[[(" The", 16.5, 17.0), (" rest.", 17.0, 24.0)]])
+    assert s.done and [d["text"] for d in s.segments] == [" Hello there.", " The rest."]
+    short = stream(content_frames=6000, clip=(1000, 2500), timestamps=False, word_timestamps=True)
+    end = (2500 - MIN_CHUNK_REST_FRAMES + 1) / 100
+    apply(short, decoded(TOKENIZER.encode(" Hi.")), words=[[(" Hi.", 10.2, end)]])
+    assert short.done  # less than MIN_CHUNK_REST_FRAMES left: nothing more to decode
+
+
+def test_split_at_words_cuts_at_sentence_ends_pauses_and_length():
+    from windows import MAX_SEGMENT_S, SEGMENT_PAUSE_S, split_at_words
+
+    def word(w, a, b):
+        return dict(word=w, start=a, end=b, probability=0.9)
+
+    words = [word(" One", 0.0, 0.3), word(" two.", 0.3, 0.6), word(" Three", 0.7, 1.0),
+             word(" four", 1.0 + SEGMENT_PAUSE_S, 1.9 + SEGMENT_PAUSE_S)]
+    words += [word(f" w{k}", 2.5 + k, 3.5 + k) for k in range(12)]  # 12 s of words without a pause
+    segment = dict(seek=0, start=0.0, end=30.0, text="".join(w["word"] for w in words), tokens=[1, 2],
+                   temperature=0.0, avg_logprob=-0.3, compression_ratio=1.2, no_speech_prob=0.1, words=words)
+    pieces = split_at_words(segment, TOKENIZER.encode)
+    texts = [p["text"] for p in pieces]
+    assert texts[:2] == [" One two.", " Three"]  # a sentence's end, then a pause
+    assert texts[2:] == [" four" + "".join(f" w{k}" for k in range(9)), " w9 w10 w11"]  # at most 10 s
+    assert "".join(texts) == segment["text"]  # nothing lost or repeated
+    assert all(p["end"] - p["start"] <= MAX_SEGMENT_S for p in pieces)
+    for p in pieces:
+        assert (p["start"], p["end"]) == (p["words"][0]["start"], p["words"][-1]["end"])
+        assert p["tokens"] == TOKENIZER.encode(p["text"]) and p["avg_logprob"] == -0.3
+    abbreviated = [word(" Mr.", 0.0, 0.3), word(" J.", 0.3, 0.5), word(" Smith.", 0.5, 0.9), word(" No.", 1.0, 1.2)]
+    assert [p["text"] for p in split_at_words(dict(segment, words=abbreviated), TOKENIZER.encode)] == [
+        " Mr. J. Smith.", " No."]
+    bare = dict(segment, words=[])
+    assert split_at_words(bare, TOKENIZER.encode) == [bare]
