@@ -184,6 +184,8 @@ def main(argv=None) -> int:
                         help="the shared corpus with manifest.tsv (default: ../shared/audio)")
     parser.add_argument("--precision", default="auto", help="handler cpu_precision: auto, fp32, bf16 (default: auto)")
     parser.add_argument("--encoder", default="auto", help="handler cpu_encoder: auto, torch, onnxruntime (default: auto)")
+    parser.add_argument("--window-mode", default="seek", choices=["seek", "pauses"],
+                        help="handler window_mode (default: seek)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="times each English file is sent per mode")
     parser.add_argument("--skip", nargs="*", default=[], choices=["head-of-line", "throughput", "peer", "streaming"])
@@ -204,7 +206,8 @@ def main(argv=None) -> int:
         long_170 = concatenate([args.audio / LONG_FILE, args.audio / "english/mfa_acoustic_corpus.wav"],
                                165, tmp / "long_170s.flac")
         seconds = {path: soundfile.info(str(path)).duration for path in (long_320, long_170)}
-        env = {"WHISPER_CPU_PRECISION": args.precision, "WHISPER_CPU_ENCODER": args.encoder}
+        env = {"WHISPER_CPU_PRECISION": args.precision, "WHISPER_CPU_ENCODER": args.encoder,
+               "WHISPER_WINDOW_MODE": args.window_mode}
         print(f"[service] starting {args.model} ({env})", file=sys.stderr)
         with running_service(tmp / "service", model=args.model, extra_env=env, openai=True) as service:
             client = WhisperClient(service.url, timeout=args.timeout)
@@ -229,7 +232,8 @@ def main(argv=None) -> int:
                 results["streaming"] = streaming(service.openai_url, client, long_170)
                 results["streaming"]["seconds"] = seconds[long_170]
 
-    print(f"\nmodel {args.model}, cpu_precision {args.precision}, cpu_encoder {args.encoder}; "
+    print(f"\nmodel {args.model}, cpu_precision {args.precision}, cpu_encoder {args.encoder}, "
+          f"window_mode {args.window_mode}; "
           f"cpu: {cpu_description()}\n")
     if "head of line" in results:
         h = results["head of line"]
