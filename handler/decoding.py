@@ -63,8 +63,8 @@ class TokenRules:
         )
         if tokenizer.no_speech is not None:
             suppress.add(tokenizer.no_speech)
-        if tokenizer.no_timestamps is not None:  # ApplyTimestampRules drops it every step
-            suppress.add(tokenizer.no_timestamps)
+        # <|notimestamps|> is not here: ApplyTimestampRules drops it, so only rows with
+        # timestamps do (apply_rules)
         self.suppress = torch.zeros(n_vocab, dtype=torch.bool)
         self.suppress[sorted(suppress)] = True
         self.suppress = self.suppress.to(device)
@@ -102,12 +102,9 @@ def apply_rules(
 
     if step == 0:
         logits.masked_fill_(rules.blank, neg_inf)
-    if rules.no_timestamps is not None:  # only ApplyTimestampRules suppresses it
-        kept = logits[:, rules.no_timestamps].clone()
-        logits.masked_fill_(rules.suppress, neg_inf)
-        logits[:, rules.no_timestamps] = torch.where(timestamps_on, torch.full_like(kept, neg_inf), kept)
-    else:
-        logits.masked_fill_(rules.suppress, neg_inf)
+    logits.masked_fill_(rules.suppress, neg_inf)
+    if rules.no_timestamps is not None:
+        logits[:, rules.no_timestamps].masked_fill_(timestamps_on, neg_inf)
 
     # timestamps come in pairs, except directly before <|endoftext|>
     last_was_ts = last >= ts_begin

@@ -90,9 +90,10 @@ class Stream:
     # whisper's hallucination_silence_threshold (seconds; needs word_timestamps): skip the
     # silence around a suspected hallucination (windows.skip_hallucinated_silence)
     hallucination_silence_threshold: Optional[float] = None
-    # False: the stream is one chunk of speech, at most one window long, decoded as a single
-    # window without timestamp tokens (window_mode "pauses"); its segment is cut at its
-    # words (windows.split_at_words)
+    # False: the stream is one chunk of speech, at most one window long, decoded as one
+    # window without timestamp tokens (window_mode "pauses"; one more over the rest of the
+    # chunk where the decoder ended early); its segment is cut at its words
+    # (windows.split_at_words); no prompt from an earlier window, no hallucination skip
     timestamps: bool = True
     skipped_frames: int = 0  # frames the seek jumped over as non-speech
     skips: int = 0  # jumps of the seek over non-speech (each one a window not decoded)
