@@ -298,9 +298,9 @@ class DecodeBatch:
 
     features: (n, n_audio_ctx, n_audio_state); initial_tokens: per row [sot_prev, prompt...,]
     sot, [language, task], [no_timestamps] (a row whose tokens end in <|notimestamps|>
-    decodes text only, as whisper.decode(without_timestamps=True)); a row at a temperature above 0 samples with Gumbel noise drawn
-    from its seed, its token index and the token alone (gumbel_noise). Tags are the
-    caller's: they come back with the results.
+    decodes text only, as whisper.decode(without_timestamps=True)); a row at a temperature
+    above 0 samples with Gumbel noise drawn from its seed, its token index and the token
+    alone (gumbel_noise). Tags are the caller's: they come back with the results.
 
     The step is static: every row lives in a slot of fixed buffers (its self-attention cache
     is head-major, (heads, n_text_ctx, head width), so attention reads it without a copy;

@@ -5,8 +5,7 @@
 
 Writes OUT/<condition>/<clip>.flac (the telephone ones as 8 kHz mu-law .wav) and
 OUT/manifest.tsv (file, duration_s, source, condition, reference_transcript), which
-scripts/evaluate.py reads like the shared manifest (`--by-condition` adds a table per
-condition). Deterministic: the same inputs give the same files (seeds from the names).
+scripts/evaluate.py reads like the shared manifest (it adds a WER row per condition). Deterministic: the same inputs give the same files (seeds from the names).
 
 Every English clip of the shared manifest, except the long concatenation, under each of:
 

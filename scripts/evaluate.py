@@ -117,21 +117,17 @@ def speech_chunks(audio, contiguous: bool, max_s: float = 30.0) -> list:
     """Chunks of at most `max_s` seconds from faster-whisper's Silero VAD spans (160 ms
     pauses, 400 ms padding, spans split at `max_s`): "joined" as its batched pipeline
     does (the spans' audio concatenated, the pauses between them removed), contiguous as
-    stretches of the file itself, each ending at the pause before the next span that
-    would take it past `max_s`."""
+    stretches of the file itself cut at pauses, by the engine's rule (stream.pause_chunks,
+    here in samples)."""
     from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+
+    from stream import pause_chunks
 
     spans = get_speech_timestamps(audio, VadOptions(max_speech_duration_s=max_s, min_silence_duration_ms=160))
     if not contiguous:
         return [c for c in collect_chunks(audio, spans, max_duration=max_s)[0] if len(c)]
-    chunks, start, end = [], None, None
-    for span in spans:
-        if start is not None and span["end"] - start > max_s * 16000:
-            chunks.append(audio[start:end])
-            start = None
-        start = span["start"] if start is None else start
-        end = span["end"]
-    return chunks + ([audio[start:end]] if start is not None else [])
+    stretches = pause_chunks([(s["start"], s["end"]) for s in spans], len(audio), round(max_s * 16000))
+    return [audio[a:b] for a, b in stretches]
 
 
 def run_chunked(model, entries, audios, given_language: bool, chunking: str = "joined", prompted: bool = False,
